@@ -1,0 +1,328 @@
+"""Where raw text comes from: the built-in corpus or the user's local files.
+
+Every source yields `Document(group, text, position)`. The split follows
+`group` (a stable hash of it: all documents of a group land in the same
+split, so text of one file never sits on both sides) or, for a single text
+file, `position` (the file's first part trains, then validation, then test,
+as contiguous stretches).
+
+Sources are pure Python (no TensorFlow) and check their input as they read
+it: a missing path, an empty or binary file, text that is not UTF-8, a JSONL
+line that is not JSON or lacks the text key, a CSV without the text column,
+each raise `UserError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import pathlib
+import sys
+import sysconfig
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from utils.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+_SNIFF_BYTES = 8192
+
+
+class Document(NamedTuple):
+    group: str  # documents of one group always land in the same split
+    text: str
+    position: float | None = None  # share of the source read so far: for contiguous splits
+
+
+class Source:
+    """Base class: a named, fingerprinted stream of documents."""
+
+    name: str = "source"
+    bytes_read: int = 0  # of total_bytes(), as documents() advances: for progress bars
+
+    def files(self) -> list[pathlib.Path]:
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": type(self).__name__, "name": self.name}
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def fingerprint(self) -> str:
+        """sha256 of the raw input (file names and bytes, in order) and how it is read."""
+        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
+        for p in self.files():
+            h.update(str(p.name).encode() + b"\0")
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def _lines(self, path: pathlib.Path) -> Iterator[tuple[int, str]]:
+        """(line number, line) of a UTF-8 file, with decode errors naming the line."""
+        # Read bytes and decode line by line, so an error names the exact line.
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                self.bytes_read += len(raw)
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # byte-order mark
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(
+                        f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+                        "convert the file, e.g. with iconv -t UTF-8"
+                    ) from None
+                if "\0" in line:
+                    raise UserError(f"{path}:{lineno}: contains NUL bytes; expected UTF-8 text")
+                yield lineno, line
+
+    def _paragraphs(self, path: pathlib.Path) -> Iterator[tuple[int, str]]:
+        """(paragraph index, text) of a text file, paragraphs separated by blank lines."""
+        buf: list[str] = []
+        index = 0
+        for _, line in self._lines(path):
+            if line.strip():
+                buf.append(line)
+            elif buf:
+                yield index, "".join(buf)
+                index, buf = index + 1, []
+        if buf:
+            yield index, "".join(buf)
+
+
+def _check_text_file(path: pathlib.Path) -> None:
+    """Fail fast on a file that is missing, empty, binary or not UTF-8 at its start."""
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if b"\0" in head:
+        raise UserError(
+            f"{path}: looks like a binary file (contains NUL bytes), expected UTF-8 text"
+        )
+    try:
+        # The sniffed block may end inside a multi-byte character: ignore that tail.
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            raise UserError(
+                f"{path}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset {e.start}); "
+                "convert it, e.g. with iconv -t UTF-8"
+            ) from None
+
+
+class TextFile(Source):
+    """One plain text file; paragraphs are documents, split by position in the file."""
+
+    def __init__(self, path: pathlib.Path):
+        _check_text_file(path)
+        self.path = path
+        self.name = path.stem
+
+    def files(self) -> list[pathlib.Path]:
+        return [self.path]
+
+    def documents(self) -> Iterator[Document]:
+        total = max(self.total_bytes(), 1)
+        for index, text in self._paragraphs(self.path):
+            yield Document(f"{self.path.name}#{index}", text, self.bytes_read / total)
+
+
+class TextFolder(Source):
+    """Every .txt/.text/.md/.rst file under a folder (sorted); each file is one split group."""
+
+    def __init__(self, path: pathlib.Path):
+        self.root = path
+        self.name = path.resolve().name or "folder"
+        self._files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not self._files:
+            raise UserError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)}) in this folder")
+        for p in self._files:
+            _check_text_file(p)
+
+    def files(self) -> list[pathlib.Path]:
+        return self._files
+
+    def documents(self) -> Iterator[Document]:
+        for p in self._files:
+            group = str(p.relative_to(self.root))
+            for _, text in self._paragraphs(p):
+                yield Document(group, text)
+
+
+class JsonlFile(Source):
+    """JSON Lines: one object per line, the text under `text_column`."""
+
+    def __init__(self, path: pathlib.Path, text_column: str):
+        _check_text_file(path)
+        self.path, self.column, self.name = path, text_column, path.stem
+        for lineno, line in self._lines(path):
+            if line.strip():  # check the first record now, the rest while reading
+                self._text(lineno, line)
+                break
+
+    def describe(self) -> dict:
+        return {**super().describe(), "column": self.column}
+
+    def files(self) -> list[pathlib.Path]:
+        return [self.path]
+
+    def _text(self, lineno: int, line: str) -> str:
+        where = f"{self.path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if self.column not in record:
+            keys = ", ".join(sorted(map(str, record))) or "none"
+            raise UserError(
+                f"{where}: no {self.column!r} key (keys: {keys}); set --data.text_column"
+            )
+        text = record[self.column]
+        if text is None:
+            return ""
+        if not isinstance(text, str):
+            raise UserError(f"{where}: {self.column!r} must be a string, got {type(text).__name__}")
+        return text
+
+    def documents(self) -> Iterator[Document]:
+        for lineno, line in self._lines(self.path):
+            if line.strip():
+                yield Document(f"record{lineno}", self._text(lineno, line))
+
+
+class CsvFile(Source):
+    """CSV with a header row; the text under the `text_column` column."""
+
+    def __init__(self, path: pathlib.Path, text_column: str):
+        _check_text_file(path)
+        self.path, self.column, self.name = path, text_column, path.stem
+        header = next(self._rows(), None)
+        if header is None:
+            raise UserError(f"{path}: no header row")
+        if text_column not in header[1]:
+            raise UserError(
+                f"{path}:1: no {text_column!r} column (columns: {', '.join(header[1])}); set --data.text_column"
+            )
+        self.index = header[1].index(text_column)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "column": self.column}
+
+    def files(self) -> list[pathlib.Path]:
+        return [self.path]
+
+    def _rows(self) -> Iterator[tuple[int, list[str]]]:
+        csv.field_size_limit(sys.maxsize)
+        lines = self._lines(self.path)
+        reader = csv.reader(line for _, line in lines)
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise UserError(f"{self.path}:{reader.line_num}: malformed CSV ({e})") from None
+
+    def documents(self) -> Iterator[Document]:
+        rows = self._rows()
+        next(rows)  # header
+        for lineno, row in rows:
+            if not row:
+                continue
+            if len(row) <= self.index:
+                raise UserError(
+                    f"{self.path}:{lineno}: row has {len(row)} fields, no {self.column!r} value"
+                )
+            yield Document(f"record{lineno}", row[self.index])
+
+
+class StdlibDocstrings(Source):
+    """The built-in corpus: docstrings of the Python standard library.
+
+    Parsed with `ast` from the standard library's own source files (nothing
+    is imported), excluding site-packages and test folders, files sorted, so
+    the corpus depends only on the Python release. Each docstring is a
+    document; each source file is a split group.
+    """
+
+    name = "stdlib-docstrings"
+    _EXCLUDED_PARTS = frozenset(
+        ("site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__")
+    )
+
+    def __init__(self) -> None:
+        self.root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        self._files = sorted(
+            p
+            for p in self.root.rglob("*.py")
+            if not self._EXCLUDED_PARTS.intersection(p.relative_to(self.root).parts)
+        )
+        if not self._files:
+            raise UserError(f"no standard-library sources under {self.root}; pass --data PATH")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "python": sys.version.split()[0]}
+
+    def files(self) -> list[pathlib.Path]:
+        return self._files
+
+    def documents(self) -> Iterator[Document]:
+        for p in self._files:
+            try:
+                tree = ast.parse(p.read_bytes(), filename=str(p))
+            except (SyntaxError, ValueError):
+                self.bytes_read += p.stat().st_size
+                continue  # e.g. deliberately broken files in lib2to3 data
+            group = str(p.relative_to(self.root))
+            self.bytes_read += p.stat().st_size
+            for node in ast.walk(tree):
+                if isinstance(
+                    node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+                ):
+                    doc = ast.get_docstring(node, clean=True)
+                    if doc:
+                        yield Document(group, doc)
+
+
+def open_source(path: str, fmt: str = "auto", text_column: str = "text") -> Source:
+    """The Source for `--data PATH` (empty: the built-in corpus), checked cheaply.
+
+    Args:
+        path: a text file, a folder of text files, a .jsonl or a .csv file.
+        fmt: "auto" (from the extension), "text", "jsonl" or "csv".
+        text_column: key/column holding the text in JSONL/CSV.
+    """
+    if not path:
+        return StdlibDocstrings()
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if p.is_dir():
+        if fmt not in ("auto", "text"):
+            raise UserError(
+                f"{path}: a folder is read as text files; --data.format={fmt} needs a file"
+            )
+        return TextFolder(p)
+    if fmt == "auto":
+        fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}.get(p.suffix.lower(), "text")
+    if fmt == "jsonl":
+        return JsonlFile(p, text_column)
+    if fmt == "csv":
+        return CsvFile(p, text_column)
+    return TextFile(p)

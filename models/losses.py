@@ -1,0 +1,42 @@
+"""Padding-aware token loss and accuracy, returned as sums so averages stay exact.
+
+Returning (sum, count) rather than a mean lets a caller add them over steps
+and over ranks and divide once: the mean over the union of everything seen,
+not a mean of means (which is wrong when shards or batches are unequal).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+def token_mask(targets, row_weights, pad_id: int = 0):
+    """1.0 where a target counts: its row is real (weight 1) and it is not padding."""
+    return ops.cast(ops.not_equal(targets, pad_id), "float32") * ops.expand_dims(row_weights, -1)
+
+
+def token_stats(targets, logits, row_weights, pad_id: int = 0) -> dict:
+    """Summed cross-entropy, correct predictions and counted tokens.
+
+    Args:
+        targets: int (B, T) next-token ids.
+        logits: float (B, T, V).
+        row_weights: float (B,), 0 for padding rows added to fill a batch.
+        pad_id: target id that never counts.
+
+    Returns:
+        {"loss_sum", "correct", "count"}: float32 scalars.
+    """
+    mask = token_mask(targets, row_weights, pad_id)
+    xent = keras.losses.sparse_categorical_crossentropy(
+        targets, ops.cast(logits, "float32"), from_logits=True
+    )
+    correct = ops.cast(
+        ops.equal(ops.argmax(logits, axis=-1), ops.cast(targets, "int32")), "float32"
+    )
+    return {
+        "loss_sum": ops.sum(xent * mask),
+        "correct": ops.sum(correct * mask),
+        "count": ops.sum(mask),
+    }

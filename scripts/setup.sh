@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Set up .venv with everything the project needs, Horovod 0.28.1 included.
+#
+# Horovod is built from source with Gloo (CPU). Its 0.28.1 sdist does not build
+# against TensorFlow >= 2.16 as published: build isolation hides TensorFlow from
+# its CMake, and one source file (xla_mpi_ops.cc, used only for GPU XLA
+# custom calls) includes XLA headers at paths TF 2.21 no longer ships. We build
+# without isolation and drop that file. The wheel is cached, keyed by the
+# Horovod, TensorFlow and Python versions and the machine, so later set-ups
+# install it in seconds.
+#
+# Safe to rerun: when setup.cfg, pyproject.toml and this script are unchanged
+# since the last successful run, it returns at once.
+#
+# Environment:
+#   PYTHON               interpreter for the venv        (default: python3.11)
+#   VENV                 where the venv goes             (default: .venv)
+#   HOROVOD_WHEEL_CACHE  where built wheels are kept     (default: ~/.cache/keras-horovod-lm/wheels)
+#   SKIP_HOROVOD=1       set up without Horovod (everything runs as one process)
+#   HOROVOD_GPU_OPERATIONS=NCCL etc. are passed to Horovod's build unchanged.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+HOROVOD_VERSION=0.28.1
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keras-horovod-lm/wheels}
+SKIP_HOROVOD=${SKIP_HOROVOD:-0}
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  log "error: $PYTHON not found; install Python 3.11 or set PYTHON=/path/to/python3.11"
+  exit 2
+fi
+
+stamp_now=$( (cat setup.cfg pyproject.toml "$0"; echo "skip_horovod=$SKIP_HOROVOD") | sha256sum | cut -c1-16)
+stamp_file="$VENV/.setup-stamp"
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_now" ]; then
+  log "up to date ($VENV)"
+  exit 0
+fi
+
+start=$(date +%s)
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $("$PYTHON" --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+log "installing the project and its dependencies (TensorFlow, keras-hub, ...)"
+"${PIP[@]}" install -q --upgrade pip setuptools wheel
+"${PIP[@]}" install -q -e '.[dev,horovod]'
+
+if [ "$SKIP_HOROVOD" = 1 ]; then
+  log "SKIP_HOROVOD=1: Horovod not installed; main.py runs as one process"
+  "${PIP[@]}" uninstall -q -y horovod 2>/dev/null || true
+else
+  tf_version=$("$PY" -c "from importlib.metadata import version; print(version('tensorflow'))")
+  py_tag=$("$PY" -c "import sys; print(f'cp{sys.version_info.major}{sys.version_info.minor}')")
+  key="horovod-$HOROVOD_VERSION-tf$tf_version-$py_tag-$(uname -m)"
+  wheel_dir="$CACHE/$key"
+  if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    log "building Horovod $HOROVOD_VERSION against TensorFlow $tf_version (Gloo, CPU; about 7 minutes on 2 cores)"
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    "${PIP[@]}" download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
+    tar xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
+    src="$work/horovod-$HOROVOD_VERSION"
+    # The one source file that includes pre-2.16 XLA header paths (GPU-only XLA ops).
+    sed -i '/xla_mpi_ops.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
+    HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+      HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=${HOROVOD_WITHOUT_MPI:-1} \
+      MAKEFLAGS="-j$(nproc)" \
+      "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$work/wheels" "$src" >"$work/build.log" 2>&1 \
+      || { tail -n 40 "$work/build.log" >&2; log "error: the Horovod build failed (log above)"; exit 1; }
+    mkdir -p "$CACHE"
+    # Move into place atomically so a concurrent or interrupted set-up never sees half a wheel.
+    mkdir -p "$work/staged/$key" && cp "$work"/wheels/horovod-*.whl "$work/staged/$key/"
+    mv -T "$work/staged/$key" "$wheel_dir" 2>/dev/null || true
+    log "cached $(ls "$wheel_dir")"
+  else
+    log "using cached $(basename "$(ls "$wheel_dir"/horovod-*.whl)")"
+  fi
+  "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+  "$VENV/bin/horovodrun" --check-build | grep -q '\[X\] TensorFlow' \
+    || { log "error: Horovod was installed without TensorFlow support"; exit 1; }
+fi
+
+echo "$stamp_now" >"$stamp_file"
+log "done in $(($(date +%s) - start)) s; activate with: . $VENV/bin/activate"

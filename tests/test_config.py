@@ -1,0 +1,88 @@
+"""Config resolution: precedence, types, unknown keys, cross-field rules."""
+
+import json
+
+import pytest
+
+from utils.config import PRESETS, Config, resolve
+from utils.errors import UserError
+
+
+def test_defaults_are_the_default_preset():
+    assert resolve("small", None, {}) == Config()
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model:\n  n_layers: 3\n  d_model: 64\ntrain:\n  lr: 0.5\n")
+    config = resolve("tiny", str(cfg_file), {"model.n_layers": "5", "train.xla": "false"})
+    assert config.model.n_layers == 5  # flag beats file
+    assert config.model.d_model == 64  # file beats preset
+    assert config.model.seq_len == PRESETS["tiny"]["model"]["seq_len"]  # preset beats default
+    assert config.train.lr == 0.5 and config.train.xla is False
+
+
+def test_json_file_and_types(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"train": {"epochs": 2, "lr": 1}, "data": {"lowercase": True}}))
+    config = resolve("small", str(cfg_file), {})
+    assert config.train.epochs == 2 and config.train.lr == 1.0 and config.data.lowercase is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"model.n_layer": "2"},
+            "unknown key 'model.n_layer' (did you mean 'model.n_layers'?); valid keys: model.d_ff",
+        ),
+        ({"modle.n_layers": "2"}, "unknown key 'modle.n_layers'"),
+        ({"train.epochs": "two"}, "command line: train.epochs: expected an integer, got 'two'"),
+        ({"train.xla": "maybe"}, "expected true or false, got 'maybe'"),
+        (
+            {"train.optimizer": "lion"},
+            "train.optimizer must be one of adamw, adam, sgd, adagrad, adadelta; got 'lion'",
+        ),
+        (
+            {"model.d_model": "100", "model.n_heads": "3"},
+            "model.d_model (100) must be divisible by model.n_heads (3)",
+        ),
+        ({"train.batch_size": "0"}, "train.batch_size must be > 0; got 0"),
+        ({"model.dropout": "1.5"}, "model.dropout must be in [0, 1); got 1.5"),
+        ({"data.val_fraction": "0.9"}, "data.val_fraction must be in (0, 0.5)"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(UserError) as e:
+        resolve("small", None, overrides)
+    assert message in str(e.value)
+
+
+def test_bad_config_files(tmp_path):
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("train:\n  batch_size: [1, 2]\n")
+    with pytest.raises(
+        UserError, match=r"wrong.yaml: train.batch_size: expected an integer, got \[1, 2\]"
+    ):
+        resolve("small", str(wrong_type), {})
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim:\n  lr: 1\n")
+    with pytest.raises(
+        UserError, match="unknown key 'optim'; valid keys: data, model, task, train"
+    ):
+        resolve("small", str(unknown), {})
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping of sections"):
+        resolve("small", str(not_a_mapping), {})
+    broken = tmp_path / "broken.json"
+    broken.write_text("{nope")
+    with pytest.raises(UserError, match=r"broken\.json: not valid JSON"):
+        resolve("small", str(broken), {})
+    with pytest.raises(UserError, match="does not exist"):
+        resolve("small", str(tmp_path / "missing.yaml"), {})
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown preset 'huge'; choose from tiny, small"):
+        resolve("huge", None, {})

@@ -1,0 +1,118 @@
+"""The run directory: everything a run leaves behind, written by rank 0 only.
+
+    config.json      resolved config, world size, global batch, versions, corpus hash
+    history.csv      one row per epoch: loss, accuracy, val_loss, val_accuracy, lr, tokens/s, time
+    metrics.json     final metrics; later steps merge keys in, never drop them
+    model.keras      the trained model
+    tokenizer.model  the SentencePiece tokenizer the model was trained with
+    data.json        the prepared dataset's meta.json (sizes, hashes)
+    checkpoints/     step checkpoints (utils/checkpoint.py)
+    tensorboard/     TensorBoard logs
+
+Notebooks and plots read only these files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pathlib
+import shutil
+import time
+from typing import Any
+
+from utils.errors import UserError
+from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+HISTORY_FIELDS = (
+    "epoch",
+    "step",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_perplexity",
+    "lr",
+    "tokens_per_sec",
+    "epoch_seconds",
+    "wall_seconds",
+    "world_size",
+)
+
+
+def default_run_dir(preset: str, task: str) -> pathlib.Path:
+    """runs/<date>-<time>-<task>-<preset>: a fresh directory for each run."""
+    return pathlib.Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{preset}"
+
+
+class RunDir:
+    """Paths and atomic writers for one run's directory."""
+
+    def __init__(self, path: str | pathlib.Path):
+        self.path = pathlib.Path(path)
+
+    config = property(lambda self: self.path / "config.json")
+    history = property(lambda self: self.path / "history.csv")
+    metrics = property(lambda self: self.path / "metrics.json")
+    model = property(lambda self: self.path / "model.keras")
+    tokenizer = property(lambda self: self.path / "tokenizer.model")
+    data_meta = property(lambda self: self.path / "data.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    def create(self, resume: bool) -> None:
+        """Make the directory; refuse to mix a new run into an old one."""
+        if resume:
+            if not self.config.is_file():
+                raise UserError(f"--resume: {self.path} is not a run directory (no config.json)")
+            return
+        if self.path.exists() and any(self.path.iterdir()):
+            raise UserError(
+                f"{self.path} already holds a run; pass --resume to continue it or choose another --run-dir"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.config, config)
+
+    def read_config(self) -> dict[str, Any]:
+        if not self.config.is_file():
+            raise UserError(f"{self.path}: not a run directory (no config.json)")
+        return json.loads(self.config.read_text())
+
+    def copy_data_files(self, tokenizer: pathlib.Path, meta: dict[str, Any]) -> None:
+        atomic_write_bytes(self.tokenizer, tokenizer.read_bytes())
+        atomic_write_json(self.data_meta, meta)
+
+    def read_history(self) -> list[dict[str, str]]:
+        if not self.history.is_file():
+            return []
+        with open(self.history, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write_history(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite history.csv with `rows` (small: one row per epoch)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(
+            buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.history, buf.getvalue())
+
+    def merge_metrics(self, new: dict[str, Any]) -> dict[str, Any]:
+        """Add `new` keys to metrics.json, keeping every key already there."""
+        metrics = json.loads(self.metrics.read_text()) if self.metrics.is_file() else {}
+        metrics.update(new)
+        atomic_write_json(self.metrics, metrics)
+        return metrics
+
+    def save_model(self, model) -> None:
+        """model.keras, atomically (Keras writes a zip; a crash must not leave half of one)."""
+        tmp = self.path / ".model.tmp.keras"
+        model.save(tmp)
+        tmp.replace(self.model)
+
+    def remove_checkpoints(self) -> None:
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
