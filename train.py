@@ -210,12 +210,11 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self, state, steps_per_epoch)
         while state.epoch < cfg.epochs and not self._done(state):
-            epoch = state.epoch
-            start = state.step_in_epoch
-            running = Sums({"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
+            epoch, start = state.epoch, state.step_in_epoch
             end = steps_per_epoch
             if cfg.max_steps:
                 end = min(end, start + cfg.max_steps - state.global_step)
+            running = Sums({"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
             epoch_start = time.perf_counter()
             # The loop always runs its dataset to the end: abandoning a tf.data
             # iterator mid-way can block for tens of seconds while it tears down.
@@ -229,18 +228,16 @@ class Trainer:
                 if (
                     cfg.checkpoint_every
                     and state.global_step % cfg.checkpoint_every == 0
-                    and state.step_in_epoch < end
-                ):  # the epoch end checkpoints anyway
+                    and state.step_in_epoch < end  # the end of the loop saves anyway
+                ):
                     state.train_seconds = clock()
-                    self._checkpoint(state, running, run_dir)
-                    running = Sums({k: 0.0 for k in running.values})
+                    self._fold_sums(state, running)
+                    self._save(state, run_dir)
             seconds = time.perf_counter() - epoch_start
-            totals = Sums(state.epoch_sums)
-            totals.add(distributed.allreduce_sums(running.values))
-            train_metrics = lm_metrics(totals.values)
+            self._fold_sums(state, running)
+            train_metrics = lm_metrics(state.epoch_sums)
             val_metrics = self.evaluate(val, cfg.eval_batches)
             state.train_seconds = clock()
-            steps_run = state.step_in_epoch - start
             row = {
                 "epoch": epoch + 1,
                 "step": state.global_step,
@@ -250,17 +247,21 @@ class Trainer:
                 "val_accuracy": val_metrics.get("accuracy"),
                 "val_perplexity": val_metrics.get("perplexity"),
                 "lr": self.current_lr(),
-                "tokens_per_sec": steps_run * tokens_per_step / max(seconds, 1e-9),
+                "tokens_per_sec": (state.step_in_epoch - start)
+                * tokens_per_step
+                / max(seconds, 1e-9),
                 "epoch_seconds": seconds,
                 "wall_seconds": state.train_seconds,
                 "world_size": train.world,
             }
-            state.history.append(row)
-            state.epoch += 1
-            state.step_in_epoch = state.samples_in_epoch = 0
-            state.epoch_sums = {}
-            self._update_early_stopping(state, row["val_loss"])
-            self._checkpoint(state, None, run_dir)
+            # A resumed epoch's row replaces the one written when it was interrupted.
+            state.history = [r for r in state.history if r["epoch"] != row["epoch"]] + [row]
+            if state.step_in_epoch == steps_per_epoch:  # else max_steps stopped it mid-epoch
+                state.epoch += 1
+                state.step_in_epoch = state.samples_in_epoch = 0
+                state.epoch_sums = {}
+                self._update_early_stopping(state, row["val_loss"])
+            self._save(state, run_dir)
             for cb in callbacks:
                 cb.on_epoch_end(self, state, row)
             if state.stopped_early:
@@ -279,12 +280,18 @@ class Trainer:
         patience = self.cfg.early_stopping_patience
         state.stopped_early = bool(patience) and state.bad_epochs >= patience
 
-    def _checkpoint(self, state: TrainState, running: Sums | None, run_dir: RunDir | None) -> None:
-        """Save a checkpoint (rank 0); mid-epoch, first fold the epoch's sums across ranks."""
-        if running is not None:  # every rank calls this at the same step: the allreduce matches
-            sums = Sums(state.epoch_sums)
-            sums.add(distributed.allreduce_sums(running.values))
-            state.epoch_sums = sums.values
+    def _fold_sums(self, state: TrainState, running: Sums) -> None:
+        """Add every rank's running sums into state.epoch_sums, then zero them.
+
+        Every rank calls this at the same step, so the allreduce always matches.
+        """
+        sums = Sums(state.epoch_sums)
+        sums.add(distributed.allreduce_sums(running.values))
+        state.epoch_sums = sums.values
+        running.values = dict.fromkeys(running.values, 0.0)
+
+    def _save(self, state: TrainState, run_dir: RunDir | None) -> None:
+        """Rank 0 writes a checkpoint of the variables and `state`."""
         if run_dir is None or not distributed.is_chief():
             return
         checkpoint.save(

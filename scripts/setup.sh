@@ -84,7 +84,7 @@ else
     log "using cached $(basename "$(ls "$wheel_dir"/horovod-*.whl)")"
   fi
   "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
-  "$VENV/bin/horovodrun" --check-build | grep -q '\[X\] TensorFlow' \
+  "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] TensorFlow' \
     || { log "error: Horovod was installed without TensorFlow support"; exit 1; }
 fi
 

@@ -79,7 +79,24 @@ def write_corpus(path: pathlib.Path, paragraphs: int = 400, seed: int = 0) -> pa
     import random
 
     rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "re", "su", "ta", "ne", "po", "vi", "da", "fe", "gu", "ho", "ji", "ly", "mo"]
+    syllables = [
+        "ka",
+        "lo",
+        "mi",
+        "re",
+        "su",
+        "ta",
+        "ne",
+        "po",
+        "vi",
+        "da",
+        "fe",
+        "gu",
+        "ho",
+        "ji",
+        "ly",
+        "mo",
+    ]
     words = sorted({"".join(random.Random(i).choices(syllables, k=1 + i % 3)) for i in range(600)})
     paras = [
         " ".join(rng.choice(words) for _ in range(rng.randint(8, 40))).capitalize() + "."

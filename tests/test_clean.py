@@ -4,7 +4,10 @@ from data.clean import clean_text
 
 
 def test_normalises_and_collapses_whitespace():
-    assert clean_text("  \uff28\uff45\uff4c\uff4c\uff4f,\t\tworld\n\n  again  ") == "Hello, world again"
+    assert (
+        clean_text("  \uff28\uff45\uff4c\uff4c\uff4f,\t\tworld\n\n  again  ")
+        == "Hello, world again"
+    )
 
 
 def test_removes_control_and_invisible_characters():

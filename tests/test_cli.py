@@ -122,16 +122,25 @@ def _check_run(run_dir, world_size, vocab):
 
 def test_tiny_run_single_process_then_resume_and_evaluate(tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
-    first = run_cli("--preset", "tiny", "--train.epochs=2", "--run-dir", str(run_dir), cwd=tmp_path)
+    # Stop in the middle of epoch 2 (40 steps per epoch)...
+    first = run_cli(
+        "--preset",
+        "tiny",
+        "--train.epochs=3",
+        "--train.max_steps=50",
+        "--run-dir",
+        str(run_dir),
+        cwd=tmp_path,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    history, _ = _check_run(run_dir, 1, 512)
-    assert len(history) == 2
-    # Resume with more epochs: continues from the epoch-2 checkpoint, keeps the history.
-    again = run_cli("--run-dir", str(run_dir), "--resume", "--train.epochs=3", cwd=tmp_path)
+    with open(run_dir / "history.csv") as f:
+        assert [(r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("1", "40"), ("2", "50")]
+    # ...and continue from that step: the partial epoch's row is replaced by the whole epoch's.
+    again = run_cli("--run-dir", str(run_dir), "--resume", "--train.max_steps=0", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming at epoch 3 step 0" in again.stdout
+    assert "resuming at epoch 2 step 10" in again.stdout
     history, metrics = _check_run(run_dir, 1, 512)
-    assert len(history) == 3 and int(history[-1]["step"]) == 3 * 40
+    assert [(int(r["epoch"]), int(r["step"])) for r in history] == [(1, 40), (2, 80), (3, 120)]
     evaluated = run_cli("evaluate", "--run-dir", str(run_dir), "--split", "val", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "val_perplexity" in evaluated.stdout

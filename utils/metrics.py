@@ -22,9 +22,6 @@ class Sums:
         for key, value in stats.items():
             self.values[key] = self.values.get(key, 0.0) + float(value)
 
-    def reset(self) -> None:
-        self.values = {}
-
 
 def lm_metrics(totals: Mapping[str, float], prefix: str = "") -> dict[str, float]:
     """Loss (mean cross-entropy per token), perplexity and next-token accuracy.
