@@ -8,9 +8,10 @@
     python main.py --config my.yaml --run-dir runs/exp1
     python main.py --run-dir runs/exp1 --resume # continue from the newest checkpoint
     python main.py evaluate --run-dir runs/exp1 # = python evaluate.py --run-dir runs/exp1
+    python main.py generate --run-dir runs/exp1 --prompt "Return the"
     python main.py prepare --data corpus/       # prepare token shards only
 
-Commands: train (the default), evaluate, prepare. `python main.py CMD --help`
+Commands: train (the default), evaluate, generate, prepare. `python main.py CMD --help`
 lists every option with its default. Bad input ends with one line naming
 the problem and exit code 2.
 """
@@ -24,7 +25,7 @@ import sys
 from utils.config import DEFAULT_PRESET, PRESETS, SECTIONS, TASKS, Config, resolve, section_fields
 from utils.errors import UserError, exit_with_user_error
 
-COMMANDS = ("train", "evaluate", "prepare")
+COMMANDS = ("train", "evaluate", "generate", "prepare")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,11 +112,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             description="Clean, split, tokenize and cache a corpus (what train does first).",
         )
         add_config_options(p)
-    else:
+    elif command == "evaluate":
         p = _Parser(
             prog="main.py evaluate",
             allow_abbrev=False,
-            description="Evaluate a trained run on a split of its data; merges into metrics.json.",
+            description="Evaluate a trained run on a split of its data (or of --data); "
+            "prints a table and merges it into metrics.json.",
         )
         p.add_argument(
             "--run-dir", metavar="DIR", required=True, help="a run directory written by train"
@@ -125,6 +127,37 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             choices=("test", "val", "train"),
             default="test",
             help="(default: %(default)s)",
+        )
+        p.add_argument(
+            "--data",
+            metavar="PATH",
+            help="other text to evaluate on, split with the run's settings "
+            "and encoded with its tokenizer (default: the run's own data)",
+        )
+    else:
+        from inference import SAMPLERS
+
+        p = _Parser(
+            prog="main.py generate",
+            allow_abbrev=False,
+            description="Continue a prompt with a trained run's model and keras-hub samplers.",
+        )
+        p.add_argument(
+            "--run-dir", metavar="DIR", required=True, help="a run directory written by train"
+        )
+        p.add_argument(
+            "--prompt", required=True, action="append", help="text to continue (repeat for several)"
+        )
+        p.add_argument("--max-new-tokens", type=int, default=40, help="(default: %(default)s)")
+        p.add_argument(
+            "--sampler", choices=SAMPLERS, default="greedy", help="(default: %(default)s)"
+        )
+        p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of top_k/top_p sampling (default: %(default)s)",
         )
     return p
 
@@ -200,19 +233,54 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
             "run_dir",
         )
     )
-    metrics = train.run_training(
+    model, _ = train.run_training(
         config,
         prepared,
         run_dir,
         args.resume,
         {"preset": args.preset, "command": ["main.py", *argv]},
     )
-    distributed.print0(
-        f"test: loss {metrics['test_loss']:.4f}  perplexity {metrics['test_perplexity']:.2f} "
-        f"(unigram baseline {metrics['test_unigram_perplexity']:.2f})  accuracy {metrics['test_accuracy']:.4f}\n"
-        f"run directory: {run_dir.path}"
-    )
+    finish_run(model, prepared, config, run_dir)
     distributed.shutdown()
+
+
+def finish_run(model, prepared, config: Config, run_dir) -> None:
+    """After training: test metrics (all ranks), then a sample and the curves (rank 0)."""
+    import evaluate
+    from data.prepare import load_tokenizer
+    from utils import distributed
+
+    tokenizer = load_tokenizer(prepared.tokenizer_path)
+    results = evaluate.evaluate_split(model, tokenizer, prepared, config.to_dict(), "test")
+    if not distributed.is_chief():
+        return
+    run_dir.merge_metrics(results)
+    print(
+        evaluate.format_table(
+            {**results, "test_unigram_perplexity": prepared.meta["unigram_perplexity"]["test"]}
+        )
+    )
+    from inference import Run, generate
+    from utils.plots import plot_runs
+
+    prompt = "Return the"
+    sample = generate(
+        Run(run_dir.path, model, tokenizer, run_dir.read_config()), [prompt], max_new_tokens=30
+    )[0]
+    print(f"sample: {prompt} -> {sample}")
+    plot_runs([run_dir.path], run_dir.curves)
+    print(f"run directory: {run_dir.path}", flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from inference import generate, load_run
+
+    run = load_run(args.run_dir)
+    outputs = generate(
+        run, args.prompt, args.max_new_tokens, args.sampler, args.temperature, args.seed
+    )
+    for prompt, text in zip(args.prompt, outputs, strict=True):
+        print(f"{prompt}{'' if prompt.endswith(' ') or not text else ' '}{text}")
 
 
 def _create_run_dir(path: str, resume: bool) -> str:
@@ -244,10 +312,12 @@ def main(argv: list[str] | None = None) -> None:
             cmd_train(args, argv)
         elif command == "prepare":
             cmd_prepare(args)
-        else:
+        elif command == "evaluate":
             import evaluate
 
-            evaluate.run(pathlib.Path(args.run_dir), args.split)
+            evaluate.run(pathlib.Path(args.run_dir), args.split, args.data)
+        else:
+            cmd_generate(args)
     except UserError as e:
         exit_with_user_error(e)
 

@@ -72,10 +72,14 @@ def build_optimizer(
     return opt
 
 
+def model_inputs(x) -> dict:
+    """The model's input dict for a batch of token ids (padding is id 0)."""
+    return {"token_ids": x, "padding_mask": tf.cast(tf.not_equal(x, PAD_ID), "int32")}
+
+
 def lm_stats(model: keras.Model, x, y, w, training: bool) -> dict:
     """Summed loss, correct and counted target tokens of one batch."""
-    inputs = {"token_ids": x, "padding_mask": tf.cast(tf.not_equal(x, PAD_ID), "int32")}
-    logits = model(inputs, training=training)  # (B, T, V)
+    logits = model(model_inputs(x), training=training)  # (B, T, V)
     return token_stats(y, logits, w, PAD_ID)
 
 
@@ -352,8 +356,8 @@ def check_sizes(config: Config, prepared: Prepared) -> None:
 
 def run_training(
     config: Config, prepared: Prepared, run_dir: RunDir, resume: bool, record: dict[str, Any]
-) -> dict[str, float]:
-    """Build, train and test a model; rank 0 writes everything into `run_dir`.
+) -> tuple[keras.Model, dict[str, float]]:
+    """Build and train a model; rank 0 writes everything into `run_dir`.
 
     Args:
         config: the resolved config.
@@ -363,7 +367,7 @@ def run_training(
         record: extra facts for config.json (preset, command line...).
 
     Returns:
-        The final metrics (also in metrics.json).
+        The trained model and the training metrics (also in metrics.json).
     """
     m, t = config.model, config.train
     world = distributed.world()
@@ -372,7 +376,6 @@ def run_training(
     keras.utils.set_random_seed(t.seed + world.rank)
     train = make_windows(prepared.tokens("train"), m.seq_len, t.batch_size)
     val = make_windows(prepared.tokens("val"), m.seq_len, t.batch_size)
-    test = make_windows(prepared.tokens("test"), m.seq_len, t.batch_size)
     steps_per_epoch = min(train.steps_per_epoch, t.steps_per_epoch or train.steps_per_epoch)
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
     # Horovod: the global batch is batch_size x ranks, so the learning rate scales with it.
@@ -399,7 +402,7 @@ def run_training(
                 "parameters": count_params(model),
                 "versions": versions(),
                 "data": {
-                    "dir": str(prepared.dir),
+                    "dir": str(prepared.dir.resolve()),
                     "key": prepared.meta["key"],
                     "text_sha256": prepared.meta["text_sha256"],
                     "source": prepared.meta["source"],
@@ -423,9 +426,7 @@ def run_training(
         callbacks.append(TensorBoard(run_dir, t.log_every))
     state = trainer.fit(train, val, state, steps_per_epoch, callbacks, run_dir)
 
-    test_metrics = trainer.evaluate(test)
     final = {
-        **{f"test_{k}": v for k, v in test_metrics.items()},
         "test_unigram_perplexity": prepared.meta["unigram_perplexity"]["test"],
         "epochs_completed": state.epoch,
         "steps": state.global_step,
@@ -434,15 +435,13 @@ def run_training(
         "world_size": world.size,
     }
     if state.history:
-        last = state.history[-1]
-        final.update(
-            {k: last[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy", "val_perplexity")}
-        )
-        final["tokens_per_sec"] = last["tokens_per_sec"]
+        # Keys of their own: evaluate.py owns val_* and test_* (whole splits).
+        keys = ("loss", "accuracy", "val_loss", "val_accuracy", "val_perplexity", "tokens_per_sec")
+        final.update({f"last_epoch_{k}": state.history[-1][k] for k in keys})
     if distributed.is_chief():
         run_dir.save_model(model)
         run_dir.merge_metrics(final)
-    return final
+    return model, final
 
 
 def versions() -> dict[str, str | None]:

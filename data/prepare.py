@@ -321,16 +321,25 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> 
     return float(np.exp(-log_p[test].mean()))
 
 
-def prepare(cfg: DataConfig, progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
+def prepare(
+    cfg: DataConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    tokenizer: pathlib.Path | None = None,
+) -> Prepared:
     """Prepare (or reuse) the token shards for `cfg`; see the module docstring.
 
     Args:
         cfg: the data section of the run's config.
         progress: show progress bars (rank 0 only, under Horovod).
         log: where one-line status messages go.
+        tokenizer: encode with this SentencePiece model instead of learning
+            one (to evaluate a trained run on other text).
     """
     source = open_source(cfg.path, cfg.format, cfg.text_column)
     fingerprint = source.fingerprint()
+    if tokenizer is not None:
+        fingerprint += hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
     key = settings_key(fingerprint, cfg)
     root = pathlib.Path(cfg.prepared_dir)
     out = root / f"{source.name}-{key[:12]}"
@@ -342,7 +351,11 @@ def prepare(cfg: DataConfig, progress: bool = True, log: Callable[[str], None] =
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=root))
     try:
         split_stats = clean_and_split(source, cfg, work, progress)
-        tokenizer_path = learn_vocabulary(work, cfg, split_stats["chars"]["train"])
+        if tokenizer is None:
+            tokenizer_path = learn_vocabulary(work, cfg, split_stats["chars"]["train"])
+        else:
+            tokenizer_path = work / "tokenizer.model"
+            shutil.copyfile(tokenizer, tokenizer_path)
         counts, vocab_size, dtype = encode_splits(
             work, tokenizer_path, split_stats["documents"], progress
         )

@@ -40,3 +40,34 @@ def token_stats(targets, logits, row_weights, pad_id: int = 0) -> dict:
         "correct": ops.sum(correct * mask),
         "count": ops.sum(mask),
     }
+
+
+def token_class_stats(targets, logits, row_weights, vocabulary_size: int, pad_id: int = 0) -> dict:
+    """Per-class counts for next-token precision/recall/F1, and top-5 hits.
+
+    Every token id is a class. Returned as sums over the batch, so they add
+    up exactly over batches and ranks (utils/metrics.py divides at the end).
+
+    Returns:
+        {"tp", "support", "predicted"}: float32 (V,) counts of correct
+        predictions, true targets and predictions per class; "top5": float32
+        scalar, targets among the 5 highest logits.
+    """
+    mask = token_mask(targets, row_weights, pad_id)
+    targets = ops.cast(targets, "int32")
+    predictions = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    correct = ops.cast(ops.equal(predictions, targets), "float32") * mask
+
+    def counts(values, ids):  # sum of `values` per class id, over every position
+        return ops.segment_sum(
+            ops.reshape(values, (-1,)), ops.reshape(ids, (-1,)), num_segments=vocabulary_size
+        )
+
+    target_logit = ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1)  # (B, T, 1)
+    higher = ops.sum(ops.cast(ops.greater(logits, target_logit), "float32"), axis=-1)  # (B, T)
+    return {
+        "tp": counts(correct, targets),
+        "support": counts(mask, targets),
+        "predicted": counts(mask, predictions),
+        "top5": ops.sum(ops.cast(ops.less(higher, 5.0), "float32") * mask),
+    }

@@ -121,3 +121,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     rank = os.environ.get("HOROVOD_RANK", "0")
     out = pathlib.Path(report_dir) / f"rank-{rank}.json"
     out.write_text(json.dumps({"exitstatus": int(exitstatus), **counts}))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """A finished `--preset tiny` run (2 epochs), shared by the tests that only read it."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    run_dir = work / "runs" / "tiny"
+    result = run_cli("--preset", "tiny", "--train.epochs=2", "--run-dir", str(run_dir), cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

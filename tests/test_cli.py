@@ -181,7 +181,7 @@ def test_runs_without_horovod_installed(tmp_path):
 
 
 @requires_horovod
-def test_tiny_run_under_horovodrun_np2(tmp_path):
+def test_tiny_run_under_horovodrun_np2_and_exact_evaluation(tmp_path):
     run_dir = tmp_path / "runs" / "np2"
     result = horovodrun(
         2,
@@ -196,4 +196,24 @@ def test_tiny_run_under_horovodrun_np2(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _check_run(run_dir, 2, 512)
     # rank 0 alone prints
-    assert "[1]<stdout>:" not in result.stdout and "[0]<stdout>:test: loss" in result.stdout
+    assert "[1]<stdout>:" not in result.stdout and "[0]<stdout>:test_perplexity" in result.stdout
+    # The test metrics computed by 2 ranks (183 windows: shards of 92 and 91, batches padded)
+    # equal those of one process.
+    at_np2 = json.loads((run_dir / "metrics.json").read_text())
+    single = run_cli("evaluate", "--run-dir", str(run_dir), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    at_np1 = json.loads((run_dir / "metrics.json").read_text())
+    assert at_np2["test_tokens"] == at_np1["test_tokens"] == 183 * 32
+    for key in (
+        "test_loss",
+        "test_accuracy",
+        "test_top5_accuracy",
+        "test_macro_precision",
+        "test_macro_recall",
+        "test_macro_f1",
+        "test_weighted_f1",
+        "test_vocabulary_coverage",
+        "test_bleu",
+        "test_rouge_l_f1",
+    ):
+        assert at_np2[key] == pytest.approx(at_np1[key], rel=1e-5, abs=1e-7), key

@@ -6,6 +6,7 @@
     model.keras      the trained model
     tokenizer.model  the SentencePiece tokenizer the model was trained with
     data.json        the prepared dataset's meta.json (sizes, hashes)
+    curves.png       loss and accuracy per epoch (utils/plots.py)
     checkpoints/     step checkpoints (utils/checkpoint.py)
     tensorboard/     TensorBoard logs
 
@@ -18,7 +19,6 @@ import csv
 import io
 import json
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -60,6 +60,7 @@ class RunDir:
     data_meta = property(lambda self: self.path / "data.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     tensorboard = property(lambda self: self.path / "tensorboard")
+    curves = property(lambda self: self.path / "curves.png")
 
     def create(self, resume: bool) -> None:
         """Make the directory; refuse to mix a new run into an old one."""
@@ -113,6 +114,3 @@ class RunDir:
         tmp = self.path / ".model.tmp.keras"
         model.save(tmp)
         tmp.replace(self.model)
-
-    def remove_checkpoints(self) -> None:
-        shutil.rmtree(self.checkpoints, ignore_errors=True)

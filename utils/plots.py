@@ -1,0 +1,118 @@
+"""Training curves from run directories: loss, accuracy and throughput per epoch.
+
+    python -m utils.plots runs/a runs/b --out curves.png
+
+Reads only each run's history.csv and config.json (for the legend), so it
+works on any machine that has the files. Several runs are overlaid, e.g. the
+same job at np=1 and np=4. The notebook notebooks/training_curves.ipynb calls
+the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import sys
+
+PANELS = (
+    ("loss", "val_loss", "cross-entropy loss"),
+    ("accuracy", "val_accuracy", "next-token accuracy"),
+    ("tokens_per_sec", None, "training tokens / s"),
+)
+
+
+def read_history(run_dir: str | pathlib.Path) -> dict[str, list[float]]:
+    """history.csv as columns of floats (empty cells become NaN)."""
+    path = pathlib.Path(run_dir) / "history.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no history.csv (not a run directory, or no epoch finished)"
+        )
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            columns.setdefault(key, []).append(
+                float(value) if value not in ("", None) else float("nan")
+            )
+    return columns
+
+
+def run_label(run_dir: str | pathlib.Path) -> str:
+    """Run name and world size, from config.json when there is one."""
+    run_dir = pathlib.Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        return f"{run_dir.name} (np={config['world']['size']})"
+    except (OSError, KeyError, ValueError):
+        return run_dir.name
+
+
+def plot_runs(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None):
+    """One figure, three panels (loss, accuracy, tokens/s per epoch), runs overlaid.
+
+    Training curves are solid, validation curves dashed. Returns the figure;
+    writes it to `out` (PNG) when given.
+    """
+    import matplotlib
+
+    if out is not None and matplotlib.get_backend().lower() not in (
+        "agg",
+        "module://matplotlib_inline.backend_inline",
+    ):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
+    for index, run_dir in enumerate(run_dirs):
+        history = read_history(run_dir)
+        color = f"C{index}"
+        label = run_label(run_dir)
+        for ax, (train_key, val_key, title) in zip(axes, PANELS, strict=True):
+            ax.plot(
+                history["epoch"],
+                history[train_key],
+                color=color,
+                marker="o",
+                label=f"{label} train",
+            )
+            if val_key:
+                ax.plot(
+                    history["epoch"],
+                    history[val_key],
+                    color=color,
+                    marker="o",
+                    linestyle="--",
+                    label=f"{label} val",
+                )
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    if out is not None:
+        fig.savefig(out, dpi=100)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.plots", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="DIR", help="run directories to overlay")
+    parser.add_argument("--out", default="curves.png", help="output PNG (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        plot_runs(args.run_dirs, args.out)
+    except FileNotFoundError as e:
+        print(f"python -m utils.plots: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
