@@ -32,7 +32,20 @@ class Run:
         return int(self.config["config"]["model"]["seq_len"])
 
     @property
+    def task(self) -> str:
+        return self.config["config"]["task"]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config["data"].get("labels", []))
+
+    @property
     def vocab_size(self) -> int:
+        from models.encoder import BACKBONE_NAME
+
+        names = {layer.name for layer in self.model.layers}
+        if BACKBONE_NAME in names:
+            return int(self.model.get_layer(BACKBONE_NAME).vocabulary_size)
         return int(self.model.get_layer("token_embedding").input_dim)
 
 
@@ -54,7 +67,8 @@ def load_run(path: str | pathlib.Path) -> Run:
     import_tensorflow()
     import keras
 
-    import models.transformer  # noqa: F401  (registers CausalTransformer for loading)
+    import models.encoder
+    import models.transformer  # noqa: F401
     from data.prepare import load_tokenizer
 
     tokenizer = load_tokenizer(rd.tokenizer)
@@ -157,6 +171,8 @@ def generate(
     """
     from data.prepare import EOS_ID
 
+    if run.task != "causal_lm":
+        raise UserError(f"{run.path}: a {run.task} run; generation needs a --task causal_lm run")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
     if temperature <= 0:
@@ -173,3 +189,88 @@ def generate(
         new = new[: int(np.argmax(new == EOS_ID))] if EOS_ID in new else new
         outputs.append(run.tokenizer.detokenize(new.astype(np.int32)) if len(new) else "")
     return outputs
+
+
+def predict(
+    run: Run, texts: list[str], batch_size: int = 64
+) -> list[tuple[str, float, dict[str, float]]]:
+    """Classify `texts` with a classification run: (label, its probability, every probability).
+
+    Texts are cleaned as in preparation and cut to the run's context length.
+    """
+    import keras
+
+    from data.clean import clean_text
+    from tasks import model_inputs
+
+    if run.task != "classify":
+        raise UserError(f"{run.path}: a {run.task} run; predict needs a --task classify run")
+    lowercase = run.config["config"]["data"]["lowercase"]
+    results = []
+    for start in range(0, len(texts), batch_size):
+        batch = [clean_text(t, lowercase) for t in texts[start : start + batch_size]]
+        rows = np.zeros((len(batch), run.seq_len), np.int32)
+        for i, ids in enumerate(run.tokenizer.tokenize(batch)):
+            ids = np.asarray(ids, np.int32)[: run.seq_len]
+            rows[i, : len(ids)] = ids
+        probabilities = keras.ops.convert_to_numpy(
+            keras.ops.softmax(
+                run.model(model_inputs(keras.ops.convert_to_tensor(rows)), training=False), axis=-1
+            )
+        )
+        for p in probabilities:
+            best = int(np.argmax(p))
+            results.append(
+                (
+                    run.labels[best],
+                    float(p[best]),
+                    dict(zip(run.labels, map(float, p), strict=True)),
+                )
+            )
+    return results
+
+
+def predict_file(
+    run: Run, path: str, out: str | None = None, text_column: str | None = None
+) -> pathlib.Path:
+    """Classify every record of a .jsonl/.csv file; write text, label, probability and p_<class>.
+
+    The output format follows `out`'s extension (.csv or .jsonl; default
+    <path>.predictions.jsonl), written atomically.
+    """
+    import csv
+    import io
+    import json
+
+    from data.sources import open_source
+    from utils.io import atomic_write_text
+
+    column = text_column or run.config["config"]["data"]["text_column"]
+    source = open_source(path, "auto", column)
+    if source.__class__.__name__ not in ("JsonlFile", "CsvFile"):
+        raise UserError(f"{path}: predict --data takes a .jsonl or .csv file")
+    texts = [doc.text for doc in source.documents()]
+    if not texts:
+        raise UserError(f"{path}: no records to classify")
+    rows = []
+    for text, (label, probability, every) in zip(texts, predict(run, texts), strict=True):
+        rows.append(
+            {
+                "text": text,
+                "label": label,
+                "probability": round(probability, 6),
+                **{f"p_{k}": round(v, 6) for k, v in every.items()},
+            }
+        )
+    target = pathlib.Path(out) if out else pathlib.Path(path).with_suffix(".predictions.jsonl")
+    if target.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(target, buf.getvalue())
+    elif target.suffix.lower() in (".jsonl", ".ndjson"):
+        atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        raise UserError(f"--out {out}: write predictions to a .csv or .jsonl file")
+    return target

@@ -9,11 +9,14 @@
     python main.py --run-dir runs/exp1 --resume # continue from the newest checkpoint
     python main.py evaluate --run-dir runs/exp1 # = python evaluate.py --run-dir runs/exp1
     python main.py generate --run-dir runs/exp1 --prompt "Return the"
-    python main.py prepare --data corpus/       # prepare token shards only
+    python main.py --task mlm --run-dir runs/mlm                      # BERT-style pretraining
+    python main.py --task classify --init-from runs/mlm              # fine-tune on labelled text
+    python main.py predict --run-dir runs/cls --text "Parse an email message."
+    python main.py prepare --data corpus/       # prepare the data only
 
-Commands: train (the default), evaluate, generate, prepare. `python main.py CMD --help`
-lists every option with its default. Bad input ends with one line naming
-the problem and exit code 2.
+Commands: train (the default), evaluate, generate, predict, prepare.
+`python main.py CMD --help` lists every option with its default. Bad input
+ends with one line naming the problem and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,197 +25,24 @@ import argparse
 import pathlib
 import sys
 
-from utils.config import DEFAULT_PRESET, PRESETS, SECTIONS, TASKS, Config, resolve, section_fields
+from utils.cli import config_from_args, overrides_from_args, parse
+from utils.config import Config
 from utils.errors import UserError, exit_with_user_error
 
-COMMANDS = ("train", "evaluate", "generate", "prepare")
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2) instead of usage dumps."""
-
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-def _type_name(section: str, name: str) -> str:
-    default = getattr(SECTIONS[section](), name)
-    return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(type(default), "STR")
-
-
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config, --data and one --section.key flag per config field."""
-    parser.add_argument(
-        "--preset",
-        default=DEFAULT_PRESET,
-        choices=list(PRESETS),
-        help="named set of defaults; tiny runs in seconds (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML or JSON file: {data: {...}, model: {...}, train: {...}}",
-    )
-    parser.add_argument(
-        "--data",
-        metavar="PATH",
-        dest="data_path",
-        help="text file, folder of .txt files, .jsonl or .csv (default: Python standard-library docstrings)",
-    )
-    defaults = Config()
-    for section in SECTIONS:
-        group = parser.add_argument_group(f"{section} options (override preset and --config)")
-        for name, f in section_fields(section).items():
-            choices = f.metadata.get("choices")
-            default = getattr(getattr(defaults, section), name)
-            group.add_argument(
-                f"--{section}.{name}",
-                dest=f"{section}.{name}",
-                default=argparse.SUPPRESS,
-                metavar="|".join(choices) if choices else _type_name(section, name),
-                help=f"{f.metadata['help']} (default: {default!r})",
-            )
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
-    """Resolve the config: preset < --config file < --data < --section.key flags."""
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
-    if args.data_path is not None:
-        overrides.setdefault("data.path", args.data_path)
-    return resolve(args.preset, args.config, overrides, getattr(args, "task", None)), overrides
-
-
-def build_parser(command: str) -> argparse.ArgumentParser:
-    doc = __doc__.split("\n\n")
-    if command == "train":
-        p = _Parser(
-            prog="main.py [train]",
-            description=doc[0] + "\n\n" + doc[1],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        p.add_argument(
-            "--task", choices=TASKS, default=None, help="what to train (default: causal_lm)"
-        )
-        p.add_argument(
-            "--run-dir",
-            metavar="DIR",
-            help="where the run's files go (default: runs/<date-time>-<task>-<preset>)",
-        )
-        p.add_argument(
-            "--resume",
-            action="store_true",
-            help="continue the run in --run-dir from its newest checkpoint",
-        )
-        add_config_options(p)
-    elif command == "prepare":
-        p = _Parser(
-            prog="main.py prepare",
-            allow_abbrev=False,
-            description="Clean, split, tokenize and cache a corpus (what train does first).",
-        )
-        add_config_options(p)
-    elif command == "evaluate":
-        p = _Parser(
-            prog="main.py evaluate",
-            allow_abbrev=False,
-            description="Evaluate a trained run on a split of its data (or of --data); "
-            "prints a table and merges it into metrics.json.",
-        )
-        p.add_argument(
-            "--run-dir", metavar="DIR", required=True, help="a run directory written by train"
-        )
-        p.add_argument(
-            "--split",
-            choices=("test", "val", "train"),
-            default="test",
-            help="(default: %(default)s)",
-        )
-        p.add_argument(
-            "--data",
-            metavar="PATH",
-            help="other text to evaluate on, split with the run's settings "
-            "and encoded with its tokenizer (default: the run's own data)",
-        )
-    else:
-        from inference import SAMPLERS
-
-        p = _Parser(
-            prog="main.py generate",
-            allow_abbrev=False,
-            description="Continue a prompt with a trained run's model and keras-hub samplers.",
-        )
-        p.add_argument(
-            "--run-dir", metavar="DIR", required=True, help="a run directory written by train"
-        )
-        p.add_argument(
-            "--prompt", required=True, action="append", help="text to continue (repeat for several)"
-        )
-        p.add_argument("--max-new-tokens", type=int, default=40, help="(default: %(default)s)")
-        p.add_argument(
-            "--sampler", choices=SAMPLERS, default="greedy", help="(default: %(default)s)"
-        )
-        p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
-        p.add_argument(
-            "--seed",
-            type=int,
-            default=0,
-            help="seed of top_k/top_p sampling (default: %(default)s)",
-        )
-    return p
-
-
-def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
-    """Split off the command (train when none is given) and parse its options."""
-    command = argv[0] if argv and argv[0] in COMMANDS else "train"
-    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    parser = build_parser(command)
-    args, unknown = parser.parse_known_args(rest)
-    if unknown:
-        flag = unknown[0].split("=", 1)[0]
-        section = flag.removeprefix("--").split(".", 1)[0]
-        if section in SECTIONS and "." in flag:
-            valid = ", ".join(f"--{section}.{k}" for k in section_fields(section))
-            raise UserError(f"unknown option {flag}; valid {section} options: {valid}")
-        raise UserError(f"unrecognized argument {unknown[0]!r} (see main.py {command} --help)")
-    return command, args
-
-
-def cmd_prepare(args: argparse.Namespace) -> None:
-    config, _ = config_from_args(args)
-    from data.prepare import prepare
-    from utils.tf_env import import_tensorflow
-
-    import_tensorflow()
-    prepared = prepare(config.data)
-    print(f"prepared: {prepared.dir}")
-
-
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
-    """prepare -> check sizes -> run directory -> train -> test, on every rank."""
-    from data.sources import open_source
-    from utils.run_dir import RunDir, default_run_dir
-
-    if args.resume:
-        if not args.run_dir:
-            raise UserError("--resume needs --run-dir DIR (the run to continue)")
-        config = resume_config(RunDir(args.run_dir), args)
-    else:
-        config, _ = config_from_args(args)
-    open_source(
-        config.data.path, config.data.format, config.data.text_column
-    )  # fail fast, before TensorFlow
-
+def prepare_data(task, world) -> None:
+    """Horovod: one process per host prepares the data (hosts may not share a
+    filesystem) and the others wait; the same settings give the same directory."""
+    from data.prepare import load_prepared
     from utils import distributed
 
-    world = distributed.init(threads=config.train.threads)
-    from data.prepare import load_prepared, prepare
+    tokenizer = None
+    if task.config.train.init_from:  # encode with the pretrained encoder's tokenizer
+        tokenizer = pathlib.Path(task.config.train.init_from) / "tokenizer.model"
 
-    # Horovod: one process per host prepares the data (hosts may not share a
-    # filesystem), the others wait; the same settings give the same directory.
     def prepare_here() -> str:
         log = distributed.print0 if world.is_chief else (lambda *a, **k: None)
-        return str(prepare(config.data, progress=world.is_chief, log=log).dir)
+        return str(task.prepare(progress=world.is_chief, log=log, tokenizer=tokenizer).dir)
 
     dirs = distributed.local_chief_runs(prepare_here, "prepare")
     if len(set(dirs)) > 1:
@@ -220,67 +50,81 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
             f"hosts prepared different data ({', '.join(sorted(set(dirs)))}): "
             "the input or Python version differs between hosts"
         )
-    prepared = load_prepared(dirs[0])
+    task.prepared = load_prepared(dirs[0])
 
+
+def check_input(config: Config) -> None:
+    """Fail fast, before TensorFlow is imported: the data path and --init-from."""
+    from data.sources import open_source
+
+    label_column = config.data.label_column if config.task == "classify" else None
+    open_source(config.data.path, config.data.format, config.data.text_column, label_column)
+    if config.train.init_from:
+        from utils.run_dir import RunDir
+
+        source = RunDir(config.train.init_from)
+        saved = source.read_config()
+        if saved["config"]["task"] != "mlm":
+            raise UserError(
+                f"--init-from {source.path}: a {saved['config']['task']} run; it must be a --task mlm run"
+            )
+        # The encoder's shape and context come with its weights.
+        model = dict(saved["config"]["model"], dropout=config.model.dropout)
+        for key, value in model.items():
+            setattr(config.model, key, value)
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
+    """prepare -> check sizes -> run directory -> train -> test, on every rank."""
+    from utils.run_dir import RunDir, default_run_dir
+
+    if args.resume:
+        if not args.run_dir:
+            raise UserError("--resume needs --run-dir DIR (the run to continue)")
+        config = resume_config(RunDir(args.run_dir), args)
+    else:
+        config = config_from_args(args)
+    check_input(config)
+
+    from utils import distributed
+
+    world = distributed.init(threads=config.train.threads)
     import train
+    from tasks import make_task
 
-    train.check_sizes(config, prepared)
-    run_dir = RunDir(
-        distributed.chief_runs(
-            lambda: _create_run_dir(
-                args.run_dir or str(default_run_dir(args.preset, config.task)), args.resume
-            ),
-            "run_dir",
-        )
-    )
+    task = make_task(config)
+    prepare_data(task, world)
+    task.check_sizes()
+    path = args.run_dir or str(default_run_dir(args.preset, config.task))
+    run_dir = RunDir(distributed.chief_runs(lambda: _create_run_dir(path, args.resume), "run_dir"))
     model, _ = train.run_training(
-        config,
-        prepared,
-        run_dir,
-        args.resume,
-        {"preset": args.preset, "command": ["main.py", *argv]},
+        task, run_dir, args.resume, {"preset": args.preset, "command": ["main.py", *argv]}
     )
-    finish_run(model, prepared, config, run_dir)
+    finish_run(task, model, run_dir)
     distributed.shutdown()
 
 
-def finish_run(model, prepared, config: Config, run_dir) -> None:
+def finish_run(task, model, run_dir) -> None:
     """After training: test metrics (all ranks), then a sample and the curves (rank 0)."""
     import evaluate
     from data.prepare import load_tokenizer
     from utils import distributed
 
-    tokenizer = load_tokenizer(prepared.tokenizer_path)
-    results = evaluate.evaluate_split(model, tokenizer, prepared, config.to_dict(), "test")
+    tokenizer = load_tokenizer(task.prepared.tokenizer_path)
+    results = evaluate.evaluate_split(task, model, tokenizer, "test")
     if not distributed.is_chief():
         return
-    run_dir.merge_metrics(results)
-    print(
-        evaluate.format_table(
-            {**results, "test_unigram_perplexity": prepared.meta["unigram_perplexity"]["test"]}
-        )
-    )
-    from inference import Run, generate
+    evaluate.record(results, run_dir, task)
+    if task.name == "causal_lm":
+        from inference import Run, generate
+
+        prompt = "Return the"
+        run = Run(run_dir.path, model, tokenizer, run_dir.read_config())
+        print(f"sample: {prompt} -> {generate(run, [prompt], max_new_tokens=30)[0]}")
     from utils.plots import plot_runs
 
-    prompt = "Return the"
-    sample = generate(
-        Run(run_dir.path, model, tokenizer, run_dir.read_config()), [prompt], max_new_tokens=30
-    )[0]
-    print(f"sample: {prompt} -> {sample}")
     plot_runs([run_dir.path], run_dir.curves)
     print(f"run directory: {run_dir.path}", flush=True)
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    from inference import generate, load_run
-
-    run = load_run(args.run_dir)
-    outputs = generate(
-        run, args.prompt, args.max_new_tokens, args.sampler, args.temperature, args.seed
-    )
-    for prompt, text in zip(args.prompt, outputs, strict=True):
-        print(f"{prompt}{'' if prompt.endswith(' ') or not text else ' '}{text}")
 
 
 def _create_run_dir(path: str, resume: bool) -> str:
@@ -297,17 +141,54 @@ def resume_config(run_dir, args: argparse.Namespace) -> Config:
     saved = run_dir.read_config()["config"]
     config = Config()
     apply_nested(config, saved, f"{run_dir.config}")
-    for dotted, value in {k: v for k, v in vars(args).items() if "." in k}.items():
+    for dotted, value in overrides_from_args(args).items():
         section, _, key = dotted.partition(".")
         set_value(config, section, key, value, "command line")
     validate(config)
     return config
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    check_input(config)
+    from tasks import make_task
+    from utils import distributed
+
+    world = distributed.init(threads=config.train.threads)
+    task = make_task(config)
+    prepare_data(task, world)
+    distributed.print0(f"prepared: {task.prepared.dir}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from inference import generate, load_run
+
+    run = load_run(args.run_dir)
+    outputs = generate(
+        run, args.prompt, args.max_new_tokens, args.sampler, args.temperature, args.seed
+    )
+    for prompt, text in zip(args.prompt, outputs, strict=True):
+        print(f"{prompt}{'' if prompt.endswith(' ') or not text else ' '}{text}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import inference
+
+    run = inference.load_run(args.run_dir)
+    if args.text:
+        for text, (label, probability, _) in zip(
+            args.text, inference.predict(run, args.text), strict=True
+        ):
+            print(f"{label}\t{probability:.3f}\t{text}")
+        return
+    out = inference.predict_file(run, args.data, args.out, args.text_column)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        command, args = parse(argv)
+        command, args = parse(argv, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
         if command == "train":
             cmd_train(args, argv)
         elif command == "prepare":
@@ -316,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
             import evaluate
 
             evaluate.run(pathlib.Path(args.run_dir), args.split, args.data)
-        else:
+        elif command == "generate":
             cmd_generate(args)
+        else:
+            cmd_predict(args)
     except UserError as e:
         exit_with_user_error(e)
 

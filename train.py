@@ -1,4 +1,4 @@
-"""The training step, the loop and its callbacks.
+"""The training step, the loop and its callbacks, for any task (tasks.py).
 
 One step, on every rank:
 
@@ -16,7 +16,6 @@ shows progress and writes history, checkpoints and TensorBoard logs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -24,15 +23,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data.load import Windows, resume_step
-from data.prepare import PAD_ID, Prepared
-from models.losses import token_stats
-from models.transformer import build_causal_lm, count_params
+from data.load import Shards, resume_step
+from models.transformer import count_params
+from tasks import Task
 from utils import checkpoint, distributed
 from utils.callbacks import Callback, HistoryCSV, ProgressBar, TensorBoard
-from utils.config import Config, TrainConfig
-from utils.errors import UserError
-from utils.metrics import Sums, lm_metrics
+from utils.config import TrainConfig
+from utils.metrics import Sums
 from utils.run_dir import RunDir
 from utils.schedules import WarmupDecay
 
@@ -72,32 +69,26 @@ def build_optimizer(
     return opt
 
 
-def model_inputs(x) -> dict:
-    """The model's input dict for a batch of token ids (padding is id 0)."""
-    return {"token_ids": x, "padding_mask": tf.cast(tf.not_equal(x, PAD_ID), "int32")}
-
-
-def lm_stats(model: keras.Model, x, y, w, training: bool) -> dict:
-    """Summed loss, correct and counted target tokens of one batch."""
-    logits = model(model_inputs(x), training=training)  # (B, T, V)
-    return token_stats(y, logits, w, PAD_ID)
-
-
-def make_eval_fn(model: keras.Model, xla: bool):
-    """A compiled (x, y, w) -> sums function (no Horovod op inside, so XLA is allowed)."""
+def make_eval_fn(task: Task, model: keras.Model, xla: bool):
+    """A compiled (inputs, targets, weights) -> sums function (no Horovod op, so XLA is allowed)."""
     return tf.function(
-        lambda x, y, w: lm_stats(model, x, y, w, training=False),
+        lambda x, y, w: task.stats(model, x, y, w, training=False),
         jit_compile=xla,
         reduce_retracing=True,
     )
 
 
-def evaluate_lm(eval_fn, windows: Windows, max_batches: int = 0) -> dict[str, float]:
-    """Exact loss/perplexity/accuracy over a split: sums over batches and ranks, then divided."""
-    sums = Sums({"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
-    for x, y, w in windows.eval_dataset(max_batches):
+def evaluate_totals(task: Task, eval_fn, shards: Shards, max_batches: int = 0) -> dict[str, Any]:
+    """The task's sums (losses, counts, confusion...) over a split, over batches and ranks."""
+    sums = Sums()
+    for x, y, w in task.transform(shards.eval_dataset(max_batches), training=False):
         sums.add({k: v.numpy() for k, v in eval_fn(x, y, w).items()})
-    return lm_metrics(distributed.allreduce_sums(sums.values))
+    return distributed.allreduce_sums(sums.values)
+
+
+def evaluate_shards(task: Task, eval_fn, shards: Shards, max_batches: int = 0) -> dict[str, float]:
+    """Exact metrics over a split: sums over batches and ranks, then divided."""
+    return task.metrics(evaluate_totals(task, eval_fn, shards, max_batches))
 
 
 @dataclasses.dataclass
@@ -108,24 +99,28 @@ class TrainState:
     step_in_epoch: int = 0  # steps completed in the current epoch
     global_step: int = 0
     samples_in_epoch: int = 0  # samples consumed in the current epoch (all ranks)
-    epoch_sums: dict[str, float] = dataclasses.field(
+    epoch_sums: dict[str, Any] = dataclasses.field(
         default_factory=dict
-    )  # all ranks, up to the last checkpoint
-    best_val_loss: float = math.inf
-    bad_epochs: int = 0  # epochs without val_loss improvement
+    )  # all ranks, to the last fold
+    best_value: float | None = None  # of the task's monitored metric
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs without improvement
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["epoch_sums"] = {k: np.asarray(v).tolist() for k, v in self.epoch_sums.items()}
+        return out
 
 
 class Trainer:
-    """Trains `model` with `optimizer` on this rank's share of the data.
+    """Trains `model` for `task` with `optimizer` on this rank's share of the data.
 
     Args:
-        model: a Keras model mapping {"token_ids", "padding_mask"} to logits.
+        task: what is learned (its loss and metrics).
+        model: the task's Keras model.
         optimizer: a Keras 3 optimizer (see `build_optimizer`).
         cfg: the train section of the config.
         average_gradients: allreduce gradients across ranks (switch off only
@@ -134,18 +129,17 @@ class Trainer:
 
     def __init__(
         self,
+        task: Task,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
         cfg: TrainConfig,
         average_gradients: bool = True,
     ):
-        self.model = model
-        self.optimizer = optimizer
-        self.cfg = cfg
+        self.task, self.model, self.optimizer, self.cfg = task, model, optimizer, cfg
         self.average_gradients = average_gradients
         self.optimizer.build(model.trainable_variables)
         self._grad_fn = tf.function(self._gradients, jit_compile=cfg.xla, reduce_retracing=True)
-        self._eval_fn = make_eval_fn(model, cfg.xla)
+        self._eval_fn = make_eval_fn(task, model, cfg.xla)
         self.train_step = tf.function(self._train_step, jit_compile=False, reduce_retracing=True)
 
     # --- steps -----------------------------------------------------------
@@ -154,10 +148,10 @@ class Trainer:
         """Forward and backward pass: the part XLA may compile."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            stats = lm_stats(self.model, x, y, w, training=True)
+            stats = self.task.stats(self.model, x, y, w, training=True)
             loss = stats["loss_sum"] / tf.maximum(
-                stats["count"], 1.0
-            )  # mean over this rank's tokens
+                stats["loss_weight"], 1e-9
+            )  # mean over this rank's targets
         grads = tape.gradient(loss, variables)
         return [tf.convert_to_tensor(g) for g in grads], stats
 
@@ -180,16 +174,16 @@ class Trainer:
 
     # --- loops -------------------------------------------------------------
 
-    def evaluate(self, windows: Windows, max_batches: int = 0) -> dict[str, float]:
-        return evaluate_lm(self._eval_fn, windows, max_batches)
+    def evaluate(self, shards: Shards, max_batches: int = 0) -> dict[str, float]:
+        return evaluate_shards(self.task, self._eval_fn, shards, max_batches)
 
     def current_lr(self) -> float:
         return float(np.asarray(self.optimizer.learning_rate))
 
     def fit(
         self,
-        train: Windows,
-        val: Windows,
+        train: Shards,
+        val: Shards,
         state: TrainState,
         steps_per_epoch: int,
         callbacks: list[Callback] = (),
@@ -198,14 +192,14 @@ class Trainer:
         """Train from `state` to the end (epochs, max_steps or early stopping).
 
         Args:
-            train, val: this rank's windows over the train and validation splits.
+            train, val: this rank's shards of the train and validation splits.
             state: where to start (a fresh TrainState, or one from a checkpoint).
             steps_per_epoch: steps per epoch (the same on every rank).
             callbacks: progress, history, TensorBoard...
             run_dir: where rank 0 writes checkpoints (None: no checkpoints).
         """
         cfg = self.cfg
-        tokens_per_step = train.global_batch * train.seq_len
+        tokens_per_step = train.global_batch * getattr(train, "seq_len", 1)
         session_start, seconds_before = time.perf_counter(), state.train_seconds
 
         def clock() -> float:  # wall seconds of training, across resumes
@@ -218,11 +212,14 @@ class Trainer:
             end = steps_per_epoch
             if cfg.max_steps:
                 end = min(end, start + cfg.max_steps - state.global_step)
-            running = Sums({"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
+            running = Sums()
             epoch_start = time.perf_counter()
             # The loop always runs its dataset to the end: abandoning a tf.data
             # iterator mid-way can block for tens of seconds while it tears down.
-            for x, y, w in train.train_dataset(epoch, cfg.seed, start, end):
+            batches = self.task.transform(
+                train.train_dataset(epoch, cfg.seed, start, end), training=True
+            )
+            for x, y, w in batches:
                 running.add({k: v.numpy() for k, v in self.train_step(x, y, w).items()})
                 state.step_in_epoch += 1
                 state.global_step += 1
@@ -239,32 +236,31 @@ class Trainer:
                     self._save(state, run_dir)
             seconds = time.perf_counter() - epoch_start
             self._fold_sums(state, running)
-            train_metrics = lm_metrics(state.epoch_sums)
-            val_metrics = self.evaluate(val, cfg.eval_batches)
-            state.train_seconds = clock()
             row = {
                 "epoch": epoch + 1,
                 "step": state.global_step,
-                "loss": train_metrics.get("loss"),
-                "accuracy": train_metrics.get("accuracy"),
-                "val_loss": val_metrics.get("loss"),
-                "val_accuracy": val_metrics.get("accuracy"),
-                "val_perplexity": val_metrics.get("perplexity"),
-                "lr": self.current_lr(),
-                "tokens_per_sec": (state.step_in_epoch - start)
-                * tokens_per_step
-                / max(seconds, 1e-9),
-                "epoch_seconds": seconds,
-                "wall_seconds": state.train_seconds,
-                "world_size": train.world,
+                **self.task.metrics(state.epoch_sums),
             }
+            row.update({f"val_{k}": v for k, v in self.evaluate(val, cfg.eval_batches).items()})
+            state.train_seconds = clock()
+            steps_run = state.step_in_epoch - start
+            row.update(
+                {
+                    "lr": self.current_lr(),
+                    "tokens_per_sec": steps_run * tokens_per_step / max(seconds, 1e-9),
+                    "samples_per_sec": steps_run * train.global_batch / max(seconds, 1e-9),
+                    "epoch_seconds": seconds,
+                    "wall_seconds": state.train_seconds,
+                    "world_size": train.world,
+                }
+            )
             # A resumed epoch's row replaces the one written when it was interrupted.
             state.history = [r for r in state.history if r["epoch"] != row["epoch"]] + [row]
             if state.step_in_epoch == steps_per_epoch:  # else max_steps stopped it mid-epoch
                 state.epoch += 1
                 state.step_in_epoch = state.samples_in_epoch = 0
                 state.epoch_sums = {}
-                self._update_early_stopping(state, row["val_loss"])
+                self._track_best(state, row, run_dir)
             self._save(state, run_dir)
             for cb in callbacks:
                 cb.on_epoch_end(self, state, row)
@@ -275,14 +271,38 @@ class Trainer:
     def _done(self, state: TrainState) -> bool:
         return bool(self.cfg.max_steps) and state.global_step >= self.cfg.max_steps
 
-    def _update_early_stopping(self, state: TrainState, val_loss: float) -> None:
-        # val_loss is summed across ranks, so every rank takes the same decision.
-        if val_loss < state.best_val_loss:
-            state.best_val_loss, state.bad_epochs = val_loss, 0
+    def _track_best(self, state: TrainState, row: dict[str, Any], run_dir: RunDir | None) -> None:
+        """Early stopping on the task's monitored metric; rank 0 keeps the best weights.
+
+        The metric is summed across ranks, so every rank takes the same decision.
+        """
+        value = row.get(self.task.monitor)
+        if value is None:
+            return
+        better = state.best_value is None or (
+            value < state.best_value
+            if self.task.monitor_mode == "min"
+            else value > state.best_value
+        )
+        if better:
+            state.best_value, state.best_epoch, state.bad_epochs = value, row["epoch"], 0
+            if run_dir is not None and distributed.is_chief():
+                run_dir.save_best_weights(self.model)
         else:
             state.bad_epochs += 1
         patience = self.cfg.early_stopping_patience
         state.stopped_early = bool(patience) and state.bad_epochs >= patience
+
+    def restore_best(self, state: TrainState, run_dir: RunDir) -> None:
+        """Horovod: rank 0 loads the best epoch's weights and broadcasts them."""
+        if not state.history or state.best_epoch in (0, state.history[-1]["epoch"]):
+            return  # the last epoch is the best (or nothing to go back to)
+        if distributed.is_chief():
+            run_dir.load_best_weights(self.model)
+        distributed.broadcast_variables(self.model.trainable_variables)
+        distributed.print0(
+            f"restored the weights of epoch {state.best_epoch} (best {self.task.monitor})"
+        )
 
     def _fold_sums(self, state: TrainState, running: Sums) -> None:
         """Add every rank's running sums into state.epoch_sums, then zero them.
@@ -292,7 +312,7 @@ class Trainer:
         sums = Sums(state.epoch_sums)
         sums.add(distributed.allreduce_sums(running.values))
         state.epoch_sums = sums.values
-        running.values = dict.fromkeys(running.values, 0.0)
+        running.values = {k: v * 0 for k, v in running.values.items()}
 
     def _save(self, state: TrainState, run_dir: RunDir | None) -> None:
         """Rank 0 writes a checkpoint of the variables and `state`."""
@@ -323,45 +343,45 @@ class Trainer:
         self.broadcast_state()
         if saved is None:
             return TrainState()
+        saved["epoch_sums"] = {
+            k: np.asarray(v) if isinstance(v, list) else v for k, v in saved["epoch_sums"].items()
+        }
         state = TrainState(**saved)
         state.step_in_epoch = resume_step(state.samples_in_epoch, global_batch)
         return state
 
 
-def make_windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> Windows:
-    """Windows over a split for this rank (rank and size from utils.distributed)."""
-    w = distributed.world()
-    return Windows(tokens, seq_len, batch_size, w.rank, w.size)
+def init_from(model: keras.Model, source_dir: str) -> None:
+    """Copy a pretrained run's encoder into `model` (rank 0 reads, then broadcast).
 
+    Used by --init-from RUN_DIR: the source's "encoder_backbone" weights
+    replace this model's; its task head stays newly initialised.
+    """
+    from models.encoder import BACKBONE_NAME
 
-def check_sizes(config: Config, prepared: Prepared) -> None:
-    """Fail with a clear message when the splits are too small for seq_len and the batch."""
-    seq_len, batch = config.model.seq_len, config.train.batch_size
-    world = distributed.world().size
-    for split in ("train", "val", "test"):
-        n_tokens = prepared.meta["tokens"][split]
-        if n_tokens < seq_len + 1:
+    if distributed.is_chief():
+        from inference import load_run
+
+        source = load_run(source_dir).model
+        try:
+            source.get_layer(BACKBONE_NAME)
+        except ValueError:
+            from utils.errors import UserError
+
             raise UserError(
-                f"model.seq_len={seq_len} is longer than the {split} split ({n_tokens} tokens); "
-                "lower model.seq_len or add text"
-            )
-    windows = make_windows(prepared.tokens("train"), seq_len, batch)
-    if windows.steps_per_epoch == 0:
-        raise UserError(
-            f"the train split holds {windows.num_samples} windows of {seq_len + 1} tokens, fewer than one "
-            f"global batch (train.batch_size={batch} x {world} ranks); lower train.batch_size or model.seq_len, "
-            "or add text"
-        )
+                f"--init-from {source_dir}: its model has no encoder (train it with --task mlm)"
+            ) from None
+        model.get_layer(BACKBONE_NAME).set_weights(source.get_layer(BACKBONE_NAME).get_weights())
+    distributed.broadcast_variables(model.trainable_variables)
 
 
 def run_training(
-    config: Config, prepared: Prepared, run_dir: RunDir, resume: bool, record: dict[str, Any]
-) -> tuple[keras.Model, dict[str, float]]:
-    """Build and train a model; rank 0 writes everything into `run_dir`.
+    task: Task, run_dir: RunDir, resume: bool, record: dict[str, Any]
+) -> tuple[keras.Model, dict]:
+    """Build and train the task's model; rank 0 writes everything into `run_dir`.
 
     Args:
-        config: the resolved config.
-        prepared: the prepared dataset (same on every rank).
+        task: the task, with its config and prepared data.
         run_dir: the run directory (created by rank 0 beforehand).
         resume: continue from the newest checkpoint in `run_dir`.
         record: extra facts for config.json (preset, command line...).
@@ -369,23 +389,25 @@ def run_training(
     Returns:
         The trained model and the training metrics (also in metrics.json).
     """
-    m, t = config.model, config.train
+    config, prepared = task.config, task.prepared
+    t = config.train
     world = distributed.world()
     # Ranks seed differently: their initial weights differ until rank 0's are
     # broadcast (which the tests check), and their dropout masks stay different.
     keras.utils.set_random_seed(t.seed + world.rank)
-    train = make_windows(prepared.tokens("train"), m.seq_len, t.batch_size)
-    val = make_windows(prepared.tokens("val"), m.seq_len, t.batch_size)
+    train, val = task.shards("train"), task.shards("val")
     steps_per_epoch = min(train.steps_per_epoch, t.steps_per_epoch or train.steps_per_epoch)
     total_steps = min(t.epochs * steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
     # Horovod: the global batch is batch_size x ranks, so the learning rate scales with it.
     peak_lr = distributed.scaled_learning_rate(t.lr, t.scale_lr)
 
-    model = build_causal_lm(m, prepared.vocab_size)
-    trainer = Trainer(model, build_optimizer(t, peak_lr, total_steps), t)
+    model = task.build_model()
+    trainer = Trainer(task, model, build_optimizer(t, peak_lr, total_steps), t)
     if resume:
         state = trainer.restore(run_dir, train.global_batch)
     else:
+        if t.init_from:
+            init_from(model, t.init_from)
         trainer.broadcast_state()
         state = TrainState()
     if distributed.is_chief():
@@ -408,6 +430,7 @@ def run_training(
                     "source": prepared.meta["source"],
                     "python": prepared.meta["python"],
                     "tokens": prepared.meta["tokens"],
+                    **({"labels": prepared.meta["labels"]} if "labels" in prepared.meta else {}),
                 },
             }
         )
@@ -425,19 +448,26 @@ def run_training(
     if t.tensorboard:
         callbacks.append(TensorBoard(run_dir, t.log_every))
     state = trainer.fit(train, val, state, steps_per_epoch, callbacks, run_dir)
+    if t.restore_best:
+        trainer.restore_best(state, run_dir)
 
     final = {
-        "test_unigram_perplexity": prepared.meta["unigram_perplexity"]["test"],
         "epochs_completed": state.epoch,
         "steps": state.global_step,
         "stopped_early": state.stopped_early,
+        "best_epoch": state.best_epoch,
         "train_seconds": state.train_seconds,
         "world_size": world.size,
     }
     if state.history:
         # Keys of their own: evaluate.py owns val_* and test_* (whole splits).
-        keys = ("loss", "accuracy", "val_loss", "val_accuracy", "val_perplexity", "tokens_per_sec")
-        final.update({f"last_epoch_{k}": state.history[-1][k] for k in keys})
+        final.update(
+            {
+                f"last_epoch_{k}": v
+                for k, v in state.history[-1].items()
+                if k not in ("epoch", "step", "world_size")
+            }
+        )
     if distributed.is_chief():
         run_dir.save_model(model)
         run_dir.merge_metrics(final)

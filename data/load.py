@@ -1,17 +1,20 @@
-"""tf.data pipelines over prepared token shards, sharded across ranks.
+"""tf.data pipelines over prepared data, sharded across ranks.
 
-A split's token stream is cut into samples: sample i is the window
-tokens[i*seq_len : i*seq_len + seq_len + 1] (inputs are its first seq_len
-tokens, targets its last seq_len, so consecutive windows share one token and
-every token is a target once).
+Two kinds of samples:
 
-Training shards by *global sample index*. For epoch e, a permutation of all
+- `Windows` over a token stream (language modelling): sample i is
+  tokens[i*seq_len : i*seq_len + seq_len + 1]; inputs are its first seq_len
+  tokens, targets its last seq_len, so every token is a target once.
+- `Documents` (classification): sample i is document i's token ids,
+  truncated or right-padded with 0 to seq_len, and its label.
+
+Both shard by *global sample index*. For epoch e, a permutation of all
 samples seeded by (seed, e) is cut into global batches of batch_size x world
 samples; rank r takes the r-th slice of batch_size rows of each. So:
 
 - ranks read disjoint samples, and together exactly the samples of the epoch;
 - every rank runs the same number of steps, `num_samples // global_batch`,
-  whatever the corpus size (the last partial global batch is dropped), so no
+  whatever the data size (the last partial global batch is dropped), so no
   rank ever waits in an allreduce that another will not join;
 - the position in an epoch is "samples consumed" = step x global_batch,
   which a run resumed with another number of ranks turns back into a step.
@@ -20,34 +23,38 @@ Evaluation instead covers every sample exactly once: rank r takes the r-th
 contiguous block, padded to full batches with rows of weight 0, so shapes
 stay static (no retracing) and padding never counts in a metric.
 
-Rank and world size arrive as arguments: nothing here imports Horovod.
+Every dataset yields (inputs, targets, row_weights). Rank and world size
+arrive as arguments: nothing here imports Horovod.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
 
-@dataclasses.dataclass(frozen=True)
-class Windows:
-    """Samples of `seq_len + 1` tokens over one split, for one rank of `world`."""
+class Shards:
+    """Samples addressed by global index, read by one rank of `world`.
 
-    tokens: np.ndarray
-    seq_len: int
-    batch_size: int
-    rank: int = 0
-    world: int = 1
+    Subclasses say how many samples there are and how to gather a batch.
+    """
 
-    def __post_init__(self):
-        if not 0 <= self.rank < self.world:
-            raise ValueError(f"rank must be in [0, world={self.world}); got {self.rank}")
+    def __init__(self, batch_size: int, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}); got {rank}")
+        self.batch_size, self.rank, self.world = batch_size, rank, world
 
     @property
     def num_samples(self) -> int:
-        return max(len(self.tokens) - 1, 0) // self.seq_len
+        raise NotImplementedError
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) for a batch of sample indices."""
+        raise NotImplementedError
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of one row of inputs and of targets."""
+        raise NotImplementedError
 
     @property
     def global_batch(self) -> int:
@@ -68,21 +75,14 @@ class Windows:
         order = self.epoch_order(epoch, seed)[: steps * self.global_batch]
         return order.reshape(steps, self.world, self.batch_size)[:, self.rank, :]
 
-    def _gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        starts = indices.astype(np.int64) * self.seq_len
-        rows = np.asarray(
-            self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int32
-        )
-        return rows[:, :-1], rows[:, 1:]
-
     def _dataset(self, indices: np.ndarray, weights: np.ndarray) -> tf.data.Dataset:
         """Batches (inputs, targets, row weights) for `indices` of shape [batches, batch_size]."""
-        seq_len, batch = self.seq_len, self.batch_size
+        x_shape, y_shape = self.shapes()
 
         def load(idx, w):
-            x, y = tf.numpy_function(self._gather, [idx], (tf.int32, tf.int32), stateful=False)
-            x.set_shape((batch, seq_len))
-            y.set_shape((batch, seq_len))
+            x, y = tf.numpy_function(self.gather, [idx], (tf.int32, tf.int32), stateful=False)
+            x.set_shape((self.batch_size, *x_shape))
+            y.set_shape((self.batch_size, *y_shape))
             return x, y, w
 
         ds = tf.data.Dataset.from_tensor_slices((indices, weights))
@@ -119,6 +119,72 @@ class Windows:
     def eval_dataset(self, max_batches: int = 0) -> tf.data.Dataset:
         """This rank's share of every sample once, in order, as padded batches."""
         return self._dataset(*self.eval_indices(max_batches))
+
+
+class Windows(Shards):
+    """Windows of `seq_len + 1` tokens over a token stream: inputs and next-token targets."""
+
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, rank: int = 0, world: int = 1
+    ):
+        super().__init__(batch_size, rank, world)
+        self.tokens, self.seq_len = tokens, seq_len
+
+    @property
+    def num_samples(self) -> int:
+        return max(len(self.tokens) - 1, 0) // self.seq_len
+
+    def shapes(self):
+        return (self.seq_len,), (self.seq_len,)
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = indices.astype(np.int64) * self.seq_len
+        rows = np.asarray(
+            self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int32
+        )
+        return rows[:, :-1], rows[:, 1:]
+
+
+class Documents(Shards):
+    """Labelled documents: token ids (flat, with offsets) truncated or padded to `seq_len`.
+
+    Args:
+        ids: every document's token ids, concatenated.
+        offsets: document i is ids[offsets[i]:offsets[i+1]] (len = documents + 1).
+        labels: one class id per document.
+        seq_len: tokens per row (longer documents are cut, shorter padded with 0).
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        offsets: np.ndarray,
+        labels: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        super().__init__(batch_size, rank, world)
+        if len(offsets) != len(labels) + 1:
+            raise ValueError(
+                f"offsets must have one entry more than labels; got {len(offsets)} and {len(labels)}"
+            )
+        self.ids, self.offsets, self.labels, self.seq_len = ids, offsets, labels, seq_len
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def shapes(self):
+        return (self.seq_len,), ()
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.zeros((len(indices), self.seq_len), np.int32)
+        for row, i in enumerate(indices):
+            start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len)
+            rows[row, : end - start] = self.ids[start:end]
+        return rows, np.asarray(self.labels[indices], dtype=np.int32)
 
 
 def resume_step(samples_consumed: int, global_batch: int) -> int:

@@ -34,6 +34,7 @@ class Document(NamedTuple):
     group: str  # documents of one group always land in the same split
     text: str
     position: float | None = None  # share of the source read so far: for contiguous splits
+    label: str | None = None  # the class, for labelled sources ("" when blank)
 
 
 class Source:
@@ -165,24 +166,42 @@ class TextFolder(Source):
                 yield Document(group, text)
 
 
-class JsonlFile(Source):
-    """JSON Lines: one object per line, the text under `text_column`."""
+def _label(value: object, where: str, column: str) -> str:
+    """A label as text: strings, integers and booleans are accepted; blank means none."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | str):
+        return str(value).strip()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    raise UserError(
+        f"{where}: {column!r} must be a string or an integer label, got {type(value).__name__}"
+    )
 
-    def __init__(self, path: pathlib.Path, text_column: str):
+
+class JsonlFile(Source):
+    """JSON Lines: one object per line, the text under `text_column` (and a label)."""
+
+    def __init__(self, path: pathlib.Path, text_column: str, label_column: str | None = None):
         _check_text_file(path)
-        self.path, self.column, self.name = path, text_column, path.stem
+        self.path, self.column, self.label_column, self.name = (
+            path,
+            text_column,
+            label_column,
+            path.stem,
+        )
         for lineno, line in self._lines(path):
             if line.strip():  # check the first record now, the rest while reading
-                self._text(lineno, line)
+                self._record(lineno, line)
                 break
 
     def describe(self) -> dict:
-        return {**super().describe(), "column": self.column}
+        return {**super().describe(), "column": self.column, "label_column": self.label_column}
 
     def files(self) -> list[pathlib.Path]:
         return [self.path]
 
-    def _text(self, lineno: int, line: str) -> str:
+    def _record(self, lineno: int, line: str) -> tuple[str, str | None]:
         where = f"{self.path}:{lineno}"
         try:
             record = json.loads(line)
@@ -190,41 +209,53 @@ class JsonlFile(Source):
             raise UserError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if self.column not in record:
-            keys = ", ".join(sorted(map(str, record))) or "none"
-            raise UserError(
-                f"{where}: no {self.column!r} key (keys: {keys}); set --data.text_column"
-            )
+        for key, option in ((self.column, "text_column"), (self.label_column, "label_column")):
+            if key is not None and key not in record:
+                keys = ", ".join(sorted(map(str, record))) or "none"
+                raise UserError(f"{where}: no {key!r} key (keys: {keys}); set --data.{option}")
         text = record[self.column]
-        if text is None:
-            return ""
-        if not isinstance(text, str):
+        if text is not None and not isinstance(text, str):
             raise UserError(f"{where}: {self.column!r} must be a string, got {type(text).__name__}")
-        return text
+        label = (
+            None
+            if self.label_column is None
+            else _label(record[self.label_column], where, self.label_column)
+        )
+        return text or "", label
 
     def documents(self) -> Iterator[Document]:
         for lineno, line in self._lines(self.path):
             if line.strip():
-                yield Document(f"record{lineno}", self._text(lineno, line))
+                text, label = self._record(lineno, line)
+                yield Document(f"record{lineno}", text, label=label)
 
 
 class CsvFile(Source):
-    """CSV with a header row; the text under the `text_column` column."""
+    """CSV with a header row; the text under the `text_column` column (and a label)."""
 
-    def __init__(self, path: pathlib.Path, text_column: str):
+    def __init__(self, path: pathlib.Path, text_column: str, label_column: str | None = None):
         _check_text_file(path)
-        self.path, self.column, self.name = path, text_column, path.stem
+        self.path, self.column, self.label_column, self.name = (
+            path,
+            text_column,
+            label_column,
+            path.stem,
+        )
         header = next(self._rows(), None)
         if header is None:
             raise UserError(f"{path}: no header row")
-        if text_column not in header[1]:
-            raise UserError(
-                f"{path}:1: no {text_column!r} column (columns: {', '.join(header[1])}); set --data.text_column"
-            )
-        self.index = header[1].index(text_column)
+        self.index = {}
+        for key, option in ((text_column, "text_column"), (label_column, "label_column")):
+            if key is None:
+                continue
+            if key not in header[1]:
+                raise UserError(
+                    f"{path}:1: no {key!r} column (columns: {', '.join(header[1])}); set --data.{option}"
+                )
+            self.index[key] = header[1].index(key)
 
     def describe(self) -> dict:
-        return {**super().describe(), "column": self.column}
+        return {**super().describe(), "column": self.column, "label_column": self.label_column}
 
     def files(self) -> list[pathlib.Path]:
         return [self.path]
@@ -242,14 +273,16 @@ class CsvFile(Source):
     def documents(self) -> Iterator[Document]:
         rows = self._rows()
         next(rows)  # header
+        width = max(self.index.values()) + 1
         for lineno, row in rows:
             if not row:
                 continue
-            if len(row) <= self.index:
+            if len(row) < width:
                 raise UserError(
-                    f"{self.path}:{lineno}: row has {len(row)} fields, no {self.column!r} value"
+                    f"{self.path}:{lineno}: row has {len(row)} fields, the header {width} or more"
                 )
-            yield Document(f"record{lineno}", row[self.index])
+            label = row[self.index[self.label_column]].strip() if self.label_column else None
+            yield Document(f"record{lineno}", row[self.index[self.column]], label=label)
 
 
 class StdlibDocstrings(Source):
@@ -300,29 +333,73 @@ class StdlibDocstrings(Source):
                         yield Document(group, doc)
 
 
-def open_source(path: str, fmt: str = "auto", text_column: str = "text") -> Source:
+class StdlibFamilies(StdlibDocstrings):
+    """The built-in labelled dataset: standard-library docstrings labelled by module family.
+
+    The label is the top-level package a docstring comes from; only the
+    families below, the ten largest that span many source files, are kept,
+    so that every class has files in train, validation and test (the split
+    is grouped by source file: no file contributes to two splits).
+    """
+
+    name = "stdlib-families"
+    FAMILIES = (
+        "asyncio",
+        "distutils",
+        "email",
+        "idlelib",
+        "importlib",
+        "lib2to3",
+        "multiprocessing",
+        "tkinter",
+        "unittest",
+        "xml",
+    )
+
+    def documents(self) -> Iterator[Document]:
+        for doc in super().documents():
+            family = doc.group.split("/")[0]
+            if family in self.FAMILIES:
+                yield doc._replace(label=family)
+
+
+def open_source(
+    path: str, fmt: str = "auto", text_column: str = "text", label_column: str | None = None
+) -> Source:
     """The Source for `--data PATH` (empty: the built-in corpus), checked cheaply.
 
     Args:
         path: a text file, a folder of text files, a .jsonl or a .csv file.
         fmt: "auto" (from the extension), "text", "jsonl" or "csv".
         text_column: key/column holding the text in JSONL/CSV.
+        label_column: key/column holding the label, for labelled data
+            (classification); None for plain text.
     """
     if not path:
-        return StdlibDocstrings()
+        return StdlibDocstrings() if label_column is None else StdlibFamilies()
     p = pathlib.Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")
+    if fmt == "auto":
+        fmt = (
+            "text"
+            if p.is_dir()
+            else {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}.get(
+                p.suffix.lower(), "text"
+            )
+        )
+    if label_column is not None and fmt == "text":
+        raise UserError(
+            f"{path}: labelled data must be a .jsonl or .csv file with a {label_column!r} column"
+        )
     if p.is_dir():
-        if fmt not in ("auto", "text"):
+        if fmt != "text":
             raise UserError(
                 f"{path}: a folder is read as text files; --data.format={fmt} needs a file"
             )
         return TextFolder(p)
-    if fmt == "auto":
-        fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}.get(p.suffix.lower(), "text")
     if fmt == "jsonl":
-        return JsonlFile(p, text_column)
+        return JsonlFile(p, text_column, label_column)
     if fmt == "csv":
-        return CsvFile(p, text_column)
+        return CsvFile(p, text_column, label_column)
     return TextFile(p)

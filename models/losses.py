@@ -11,9 +11,15 @@ import keras
 from keras import ops
 
 
-def token_mask(targets, row_weights, pad_id: int = 0):
-    """1.0 where a target counts: its row is real (weight 1) and it is not padding."""
-    return ops.cast(ops.not_equal(targets, pad_id), "float32") * ops.expand_dims(row_weights, -1)
+def token_mask(targets, weights, pad_id: int = 0):
+    """1.0 where a target counts: its weight is 1 and it is not padding.
+
+    `weights` are per row (B,), 0 for rows that only pad a batch, or per
+    target (B, T).
+    """
+    if len(weights.shape) < len(targets.shape):
+        weights = ops.expand_dims(weights, -1)
+    return ops.cast(ops.not_equal(targets, pad_id), "float32") * weights
 
 
 def token_stats(targets, logits, row_weights, pad_id: int = 0) -> dict:

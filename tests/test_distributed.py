@@ -13,15 +13,17 @@ import pytest
 
 from data.load import Windows
 from models.transformer import build_causal_lm
-from train import Trainer, build_optimizer, evaluate_lm, make_eval_fn
+from tasks import Task
+from train import Trainer, build_optimizer, evaluate_shards, make_eval_fn
 from utils import distributed
-from utils.config import ModelConfig, TrainConfig
+from utils.config import Config, ModelConfig, TrainConfig
 from utils.metrics import Sums, lm_metrics
 
 pytestmark = pytest.mark.multiprocess
 
 VOCAB = 24
 MODEL = ModelConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32, seq_len=8, dropout=0.1)
+LM = Task(Config())  # the causal-LM loss (the task's data is not used here)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def _train(world, average: bool, steps: int = 4):
     model = build_causal_lm(MODEL, VOCAB)
     initial = np.asarray(model.trainable_variables[0].numpy())
     cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2)
-    trainer = Trainer(model, build_optimizer(cfg, 1e-2, 100), cfg, average_gradients=average)
+    trainer = Trainer(LM, model, build_optimizer(cfg, 1e-2, 100), cfg, average_gradients=average)
     trainer.broadcast_state()
     rng = np.random.default_rng(world.rank)  # every rank its own data
     for _ in range(steps):
@@ -93,13 +95,14 @@ def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world):
     model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
     keras.utils.set_random_seed(7)
     reference = Trainer(
+        LM,
         build_causal_lm(model_cfg, VOCAB),
         build_optimizer(cfg, cfg.lr, 100),
         cfg,
         average_gradients=False,
     )
     distributed.broadcast_variables(reference.model.trainable_variables)
-    replica = Trainer(build_causal_lm(model_cfg, VOCAB), build_optimizer(cfg, cfg.lr, 100), cfg)
+    replica = Trainer(LM, build_causal_lm(model_cfg, VOCAB), build_optimizer(cfg, cfg.lr, 100), cfg)
     for src, dst in zip(
         reference.model.trainable_variables, replica.model.trainable_variables, strict=True
     ):
@@ -140,8 +143,8 @@ def test_evaluation_is_exact_on_a_split_that_does_not_divide(world):
     model = build_causal_lm(MODEL, VOCAB)
     distributed.broadcast_variables(model.trainable_variables)
     tokens = np.random.default_rng(5).integers(1, VOCAB, 8 * 37 + 3).astype(np.uint16)  # 37 windows
-    eval_fn = make_eval_fn(model, xla=False)
-    sharded = evaluate_lm(eval_fn, Windows(tokens, 8, 5, world.rank, world.size))
+    eval_fn = make_eval_fn(LM, model, xla=False)
+    sharded = evaluate_shards(LM, eval_fn, Windows(tokens, 8, 5, world.rank, world.size))
     local = Sums()
     for x, y, w in Windows(tokens, 8, 5).eval_dataset():
         local.add({k: v.numpy() for k, v in eval_fn(x, y, w).items()})

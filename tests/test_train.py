@@ -7,9 +7,10 @@ import pytest
 
 from data.load import Windows
 from models.transformer import build_causal_lm
+from tasks import Task
 from train import Trainer, TrainState, build_optimizer
 from utils import distributed
-from utils.config import ModelConfig, TrainConfig
+from utils.config import Config, ModelConfig, TrainConfig
 from utils.run_dir import RunDir
 from utils.schedules import WarmupDecay
 
@@ -25,7 +26,7 @@ def _trainer(lr=1e-2, **train_overrides):
     cfg = TrainConfig(
         xla=False, warmup_steps=0, batch_size=4, checkpoint_every=3, **train_overrides
     )
-    return Trainer(build_causal_lm(MODEL, 30), build_optimizer(cfg, lr, 100), cfg)
+    return Trainer(Task(Config()), build_causal_lm(MODEL, 30), build_optimizer(cfg, lr, 100), cfg)
 
 
 def _windows(seed=0, n=8 * 4 * 4 + 1):

@@ -75,10 +75,27 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
         self.bar = None
+        skip = {
+            "epoch",
+            "step",
+            "lr",
+            "epoch_seconds",
+            "wall_seconds",
+            "world_size",
+            "samples_per_sec",
+            "tokens",
+            "val_tokens",
+            "examples",
+            "val_examples",
+            "perplexity",
+        }
+        shown = "  ".join(
+            f"{k} {v:,.0f}" if k == "tokens_per_sec" else f"{k} {v:.4f}"
+            for k, v in row.items()
+            if k not in skip
+        )
         distributed.print0(
-            f"epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
-            f"val_loss {row['val_loss']:.4f}  val_perplexity {row['val_perplexity']:.2f}  "
-            f"val_accuracy {row['val_accuracy']:.4f}  {row['tokens_per_sec']:,.0f} tokens/s"
+            f"epoch {row['epoch']}/{self.epochs}: {shown}"
             + ("  (early stop)" if state.stopped_early else "")
         )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from utils.errors import UserError
 
-TASKS = ("causal_lm",)
+TASKS = ("causal_lm", "mlm", "classify")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "adadelta")
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "jsonl", "csv")
@@ -42,6 +42,7 @@ class DataConfig:
     )
     format: str = _opt("auto", "input format; auto picks it from the file extension", FORMATS)
     text_column: str = _opt("text", "column/key holding the text in JSONL and CSV input")
+    label_column: str = _opt("label", "column/key holding the label (task classify)")
     lowercase: bool = _opt(False, "lowercase the text before learning the vocabulary")
     vocab_size: int = _opt(4000, "subword vocabulary size (SentencePiece unigram)")
     max_chars: int = _opt(
@@ -121,6 +122,14 @@ class TrainConfig:
         0, "validation batches per rank at each epoch end (0: the whole split)"
     )
     tensorboard: bool = _opt(True, "write TensorBoard logs into the run directory")
+    restore_best: bool = _opt(
+        True, "end with the weights of the best epoch (val_loss; val_macro_f1 for classify)"
+    )
+    init_from: str = _opt(
+        "", "start the encoder from this run directory's (an --task mlm run); classify only"
+    )
+    class_weights: bool = _opt(True, "weight the loss by inverse class frequency (classify)")
+    mask_rate: float = _opt(0.15, "share of tokens selected for prediction (mlm)")
 
 
 @dataclass
@@ -166,6 +175,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {},
 }
 DEFAULT_PRESET = "small"
+
+# What each task changes from the defaults, before the preset applies.
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "causal_lm": {},
+    # BERT-style pretraining; the context matches classification's, so a
+    # classifier can start from it.
+    "mlm": {"model": {"seq_len": 128}, "train": {"batch_size": 16}},
+    # Docstrings are short: 128 tokens hold most of them whole. Early stopping
+    # on validation macro-F1 ends the run.
+    "classify": {
+        "model": {"seq_len": 128},
+        "train": {
+            "batch_size": 16,
+            "epochs": 20,
+            "early_stopping_patience": 5,
+            "checkpoint_every": 0,
+        },
+    },
+}
 
 
 def section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -289,20 +317,25 @@ def load_file(path: str) -> dict[str, Any]:
 def resolve(
     preset: str, config_file: str | None, overrides: dict[str, str], task: str | None = None
 ) -> Config:
-    """Build the run's config: defaults < preset < file < command-line overrides.
+    """Build the run's config: defaults < task defaults < preset < file < command-line overrides.
 
     Args:
         preset: a key of PRESETS.
         config_file: optional YAML/JSON path with {"data": {...}, "model": {...}, "train": {...}}.
         overrides: {"section.key": "value"} from the command line.
-        task: the task from the command line, if given.
+        task: the task from the command line, if given (else the file's, else causal_lm).
     """
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    config = Config()
+    file_values = load_file(config_file) if config_file else {}
+    task = task or file_values.get("task") or "causal_lm"
+    if task not in TASKS:
+        raise UserError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    config = Config(task=task)
+    apply_nested(config, TASK_DEFAULTS[task], f"task {task}")
     apply_nested(config, PRESETS[preset], f"preset {preset}")
     if config_file:
-        apply_nested(config, load_file(config_file), f"config file {config_file}")
+        apply_nested(config, file_values, f"config file {config_file}")
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
@@ -310,8 +343,7 @@ def resolve(
                 "command line", dotted, (f"{s}.{k}" for s in SECTIONS for k in section_fields(s))
             )
         set_value(config, section, key, value, "command line")
-    if task is not None:
-        config.task = task
+    config.task = task
     validate(config)
     return config
 
@@ -359,3 +391,9 @@ def validate(config: Config) -> None:
             raise UserError(f"data.{name} must be in (0, 0.5); got {getattr(d, name)}")
     positive("data", "max_chars", d.max_chars, allow_zero=True)
     positive("data", "vocab_sample_chars", d.vocab_sample_chars)
+    if not 0 < t.mask_rate < 1:
+        raise UserError(f"train.mask_rate must be in (0, 1); got {t.mask_rate}")
+    if t.init_from and config.task != "classify":
+        raise UserError(
+            f"train.init_from (--init-from) is for --task classify; the task is {config.task}"
+        )

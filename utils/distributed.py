@@ -162,26 +162,25 @@ def broadcast_variables(variables: Sequence, root_rank: int = 0) -> None:
     hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=root_rank)
 
 
-def allreduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Sum each value across ranks (float64), e.g. loss sums and token counts."""
-    if not _active():
-        return {k: float(v) for k, v in values.items()}
-    import tensorflow as tf
+def allreduce_sums(values: dict[str, Any]) -> dict[str, Any]:
+    """Sum each value across ranks, in one float64 allreduce.
 
-    keys = sorted(values)
-    summed = hvd.allreduce(
-        tf.constant([float(values[k]) for k in keys], tf.float64), op=hvd.Sum, name="allreduce_sums"
-    )
-    return dict(zip(keys, summed.numpy().tolist(), strict=True))
+    Values are numbers (loss sums, token counts) or numpy arrays (per-class
+    counts, a confusion matrix); each comes back with its own shape.
+    Every rank must pass the same keys and shapes.
+    """
+    arrays = {k: np.asarray(values[k], dtype=np.float64) for k in sorted(values)}
+    if _active():
+        import tensorflow as tf
 
-
-def allreduce_array(array: np.ndarray, name: str) -> np.ndarray:
-    """Sum a numeric array across ranks (e.g. a confusion matrix of counts)."""
-    if not _active():
-        return np.asarray(array)
-    import tensorflow as tf
-
-    return hvd.allreduce(tf.constant(array), op=hvd.Sum, name=name).numpy()
+        flat = np.concatenate([a.ravel() for a in arrays.values()]) if arrays else np.zeros(0)
+        summed = hvd.allreduce(tf.constant(flat), op=hvd.Sum, name="allreduce_sums").numpy()
+        cuts = np.cumsum([a.size for a in arrays.values()])[:-1]
+        arrays = {
+            k: part.reshape(a.shape)
+            for (k, a), part in zip(arrays.items(), np.split(summed, cuts), strict=True)
+        }
+    return {k: float(a) if a.ndim == 0 else a for k, a in arrays.items()}
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> Any:

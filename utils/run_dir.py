@@ -7,6 +7,7 @@
     tokenizer.model  the SentencePiece tokenizer the model was trained with
     data.json        the prepared dataset's meta.json (sizes, hashes)
     curves.png       loss and accuracy per epoch (utils/plots.py)
+    best.weights.h5  the weights of the best epoch (by val_loss, or val_macro_f1 for classify)
     checkpoints/     step checkpoints (utils/checkpoint.py)
     tensorboard/     TensorBoard logs
 
@@ -25,20 +26,14 @@ from typing import Any
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-HISTORY_FIELDS = (
+HISTORY_FIRST = (
     "epoch",
     "step",
     "loss",
     "accuracy",
     "val_loss",
     "val_accuracy",
-    "val_perplexity",
-    "lr",
-    "tokens_per_sec",
-    "epoch_seconds",
-    "wall_seconds",
-    "world_size",
-)
+)  # then the rest, in order
 
 
 def default_run_dir(preset: str, task: str) -> pathlib.Path:
@@ -94,10 +89,11 @@ class RunDir:
 
     def write_history(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite history.csv with `rows` (small: one row per epoch)."""
+        fields = list(HISTORY_FIRST)
+        for row in rows:
+            fields += [k for k in row if k not in fields]
         buf = io.StringIO()
-        writer = csv.DictWriter(
-            buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n"
-        )
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.history, buf.getvalue())
@@ -108,6 +104,17 @@ class RunDir:
         metrics.update(new)
         atomic_write_json(self.metrics, metrics)
         return metrics
+
+    best_weights = property(lambda self: self.path / "best.weights.h5")
+
+    def save_best_weights(self, model) -> None:
+        """The weights of the best epoch so far (for train.restore_best), atomically."""
+        tmp = self.path / ".best.tmp.weights.h5"
+        model.save_weights(tmp)
+        tmp.replace(self.best_weights)
+
+    def load_best_weights(self, model) -> None:
+        model.load_weights(self.best_weights)
 
     def save_model(self, model) -> None:
         """model.keras, atomically (Keras writes a zip; a crash must not leave half of one)."""
