@@ -27,7 +27,7 @@ import sys
 
 from utils.cli import config_from_args, overrides_from_args, parse
 from utils.config import Config
-from utils.errors import UserError, exit_with_user_error
+from utils.errors import UserError, exit_on_known_failure, exit_with_user_error
 
 
 def prepare_data(task, world) -> None:
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd_predict(args)
     except UserError as e:
         exit_with_user_error(e)
+    except Exception as e:
+        exit_on_known_failure(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ from utils.schedules import WarmupDecay
 NO_WEIGHT_DECAY = ["bias", "gamma", "beta"]  # norms and biases: decay only matrices and embeddings
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training stopped, on every rank together, because a loss or gradient went NaN/inf."""
+
+
 def build_optimizer(
     cfg: TrainConfig, peak_lr: float, total_steps: int
 ) -> keras.optimizers.Optimizer:
@@ -106,6 +110,7 @@ class TrainState:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs without improvement
     train_seconds: float = 0.0
+    skipped_steps: int = 0  # non-finite steps skipped (train.on_nonfinite=skip)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stopped_early: bool = False
 
@@ -157,11 +162,28 @@ class Trainer:
 
     def _train_step(self, x, y, w):
         grads, stats = self._grad_fn(x, y, w)
+        # 1.0 when this rank's loss or gradients are NaN/inf.
+        bad = tf.cast(
+            tf.logical_not(
+                tf.math.is_finite(stats["loss_sum"])
+                & tf.math.is_finite(tf.linalg.global_norm(grads))
+            ),
+            tf.float32,
+        )
         if self.average_gradients:
             # Horovod: average gradients across ranks before any rank applies them.
-            grads = distributed.allreduce_gradients(grads, self.cfg.compression)
-        self.optimizer.apply(grads, self.model.trainable_variables)
-        return stats
+            # The NaN flag rides in the same fused allreduce, so every rank sees
+            # "some rank went non-finite" at the same step and decides alike.
+            *grads, bad = distributed.allreduce_gradients([*grads, bad], self.cfg.compression)
+
+        def apply():
+            self.optimizer.apply(grads, self.model.trainable_variables)
+            return tf.constant(True)
+
+        tf.cond(
+            bad > 0, lambda: tf.constant(False), apply
+        )  # a non-finite step changes nothing, on any rank
+        return {**stats, "nonfinite": tf.cast(bad > 0, tf.float32)}
 
     def broadcast_state(self) -> None:
         """Horovod: start every rank from rank 0's weights and optimizer slots.
@@ -220,7 +242,14 @@ class Trainer:
                 train.train_dataset(epoch, cfg.seed, start, end), training=True
             )
             for x, y, w in batches:
-                running.add({k: v.numpy() for k, v in self.train_step(x, y, w).items()})
+                stats = {k: v.numpy() for k, v in self.train_step(x, y, w).items()}
+                if stats.pop("nonfinite"):
+                    self._on_nonfinite(state, run_dir)
+                    state.skipped_steps += 1
+                    stats = {
+                        k: np.zeros_like(v) for k, v in stats.items()
+                    }  # a skipped step adds nothing
+                running.add(stats)
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.samples_in_epoch = state.step_in_epoch * train.global_batch
@@ -267,6 +296,23 @@ class Trainer:
             if state.stopped_early:
                 break
         return state
+
+    def _on_nonfinite(self, state: TrainState, run_dir: RunDir | None) -> None:
+        """Every rank gets here at the same step (the flag was allreduced)."""
+        step = state.global_step + 1
+        if self.cfg.on_nonfinite == "skip":
+            distributed.print0(
+                f"warning: non-finite loss or gradients at step {step} on some rank; step skipped"
+            )
+            return
+        latest = checkpoint.latest(run_dir.checkpoints) if run_dir is not None else None
+        where = f"; the last good checkpoint is {latest}" if latest else ""
+        raise NonFiniteLoss(
+            f"the loss or gradients became NaN/inf at step {step} (epoch {state.epoch + 1}, step "
+            f"{state.step_in_epoch + 1} of the epoch) on at least one rank; training stopped on every rank{where}. "
+            "Lower train.lr, raise train.warmup_steps or clip harder (train.clip_norm), or pass "
+            "--train.on_nonfinite=skip to skip such steps"
+        )
 
     def _done(self, state: TrainState) -> bool:
         return bool(self.cfg.max_steps) and state.global_step >= self.cfg.max_steps

@@ -8,8 +8,8 @@ Output, in `<prepared_dir>/<source>-<key>/`:
     <split>.ids.bin       every document's token ids, concatenated (uint16/uint32)
     <split>.offsets.npy   document i is ids[offsets[i]:offsets[i+1]]
     <split>.labels.npy    class ids
-    <split>.jsonl         the cleaned text and label of each document (for the
-                          TF-IDF baseline and for inspection)
+    <split>.jsonl         the cleaned text, label and group of each document (for
+                          the TF-IDF baseline and for inspection)
     tokenizer.model, meta.json (labels, counts per class and split, warnings)
 
 Splitting: identical texts are kept once (the first), so no text is on both
@@ -153,7 +153,9 @@ def _split(
     for split in SPLITS:
         with open(work / f"{split}.jsonl", "w", encoding="utf-8") as out:
             for r in rows[split]:
-                out.write(json.dumps({"text": r["text"], "label": r["label"]}) + "\n")
+                out.write(
+                    json.dumps({"text": r["text"], "label": r["label"], "group": r["group"]}) + "\n"
+                )
         counts[split] = dict(sorted(collections.Counter(r["label"] for r in rows[split]).items()))
     with open(work / "train.txt", "w", encoding="utf-8") as out:  # for learning the vocabulary
         out.writelines(r["text"] + "\n" for r in rows["train"])

@@ -43,7 +43,7 @@ from data.sources import Document, Source, open_source
 from utils.config import DataConfig
 from utils.errors import UserError
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # bump when the same input and settings would give other output
 SPLITS = ("train", "val", "test")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # keras-hub's SentencePiece trainer ids
 _MAX_SAMPLE_LINE = 2000  # SentencePiece skips training sentences over 4,192 bytes
@@ -160,7 +160,11 @@ def clean_and_split(
         out = {
             s: stack.enter_context(open(work / f"{s}.txt", "w", encoding="utf-8")) for s in SPLITS
         }
-        bar = stack.enter_context(_bar(source.total_bytes(), "cleaning", "B", progress))
+        size = source.total_bytes()
+        bar = stack.enter_context(_bar(size, "cleaning", "B", progress))
+        # With max_chars, positions run over the part that is read (bytes ~ characters),
+        # so a capped single file still has its validation and test stretches.
+        stretch = size / cfg.max_chars if cfg.max_chars and size > cfg.max_chars else 1.0
         source.bytes_read = 0
         for doc in source.documents():
             bar.update(source.bytes_read - bar.n)
@@ -169,6 +173,8 @@ def clean_and_split(
                 continue
             if cfg.max_chars and total + len(text) > cfg.max_chars:
                 break
+            if doc.position is not None:
+                doc = doc._replace(position=min(doc.position * stretch, 1.0))
             split = split_of(doc, cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
             out[split].write(text + "\n")
             text_hash.update(text.encode() + b"\n")
@@ -239,20 +245,27 @@ def learn_vocabulary(work: pathlib.Path, cfg: DataConfig, train_chars: int) -> p
                 [str(sample)], vocabulary_size=cfg.vocab_size
             )
     except RuntimeError as e:
-        limit = re.search(r"value <= (\d+)", str(e))
-        reason = (
-            f"this text supports at most {limit.group(1)}"
-            if limit
-            else str(e).strip().splitlines()[-1]
-        )
         raise UserError(
-            f"learning a {cfg.vocab_size}-token vocabulary failed ({reason}); "
-            "lower --data.vocab_size or add text"
+            f"learning a {cfg.vocab_size}-token vocabulary failed: {_vocabulary_advice(str(e))}"
         ) from None
     model.write_bytes(proto)
     sample.unlink()
     log.unlink()
     return model
+
+
+def _vocabulary_advice(message: str) -> str:
+    """SentencePiece's complaint, said in this project's terms."""
+    too_high = re.search(r"value <= (\d+)", message)
+    if too_high:
+        return f"this text supports at most {too_high.group(1)} tokens; lower --data.vocab_size or add text"
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return (
+            f"the text has {too_low.group(2)} distinct characters, more than the vocabulary holds; "
+            "raise --data.vocab_size"
+        )
+    return message.strip().splitlines()[-1] if message.strip() else "SentencePiece failed"
 
 
 def encode_splits(

@@ -135,7 +135,26 @@ class TextFile(Source):
     def documents(self) -> Iterator[Document]:
         total = max(self.total_bytes(), 1)
         for index, text in self._paragraphs(self.path):
-            yield Document(f"{self.path.name}#{index}", text, self.bytes_read / total)
+            # A huge paragraph (a file that is one 10 MB line) becomes several
+            # documents, so it can still be split into train/val/test by position.
+            pieces = list(split_long(text))
+            start = self.bytes_read - sum(len(p) for p in pieces)
+            for piece in pieces:
+                start += len(piece)
+                yield Document(f"{self.path.name}#{index}", piece, max(start, 0) / total)
+
+
+MAX_DOCUMENT_CHARS = 100_000
+
+
+def split_long(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, cut at whitespace where there is some."""
+    while len(text) > limit:
+        cut = text.rfind(" ", limit // 2, limit)
+        cut = cut if cut > 0 else limit
+        yield text[:cut]
+        text = text[cut:]
+    yield text
 
 
 class TextFolder(Source):

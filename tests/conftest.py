@@ -61,9 +61,10 @@ def horovodrun(
     timeout: float = 900,
     env: dict | None = None,
     hosts: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """`horovodrun -np N --gloo COMMAND` on localhost, capturing output."""
-    launcher = [HOROVODRUN, "-np", str(np), "-H", hosts or f"localhost:{np}", "--gloo"]
+    """`horovodrun -np N --gloo [EXTRA] COMMAND` on localhost (or `hosts`), capturing output."""
+    launcher = [HOROVODRUN, "-np", str(np), "-H", hosts or f"localhost:{np}", "--gloo", *extra]
     return subprocess.run(
         [*launcher, *command],
         cwd=cwd,

@@ -164,3 +164,102 @@ def test_chief_errors_reach_every_rank(world):
         distributed.chief_runs(fails_on_chief, "chief_error")
     assert distributed.chief_runs(lambda: distributed.world().rank, "chief_value") == 0
     assert distributed.any_rank(distributed.world().rank == world.size - 1)
+
+
+def test_classifier_fine_tuning_keeps_ranks_identical(world):
+    """The encoder + classification head, trained with class weights on each rank's documents."""
+    _need_two(world)
+    from data.load import Documents
+    from models.encoder import build_backbone, build_classifier
+    from tasks import Classify
+
+    task = Classify(Config(task="classify"))
+    task.prepared = type(
+        "P", (), {"meta": {"labels": ["a", "b", "c"], "class_weights": [0.7, 1.0, 1.6]}}
+    )()
+    keras.utils.set_random_seed(50 + world.rank)
+    model = build_classifier(build_backbone(MODEL, VOCAB), 3)
+    before = distributed.allgather_object(
+        np.asarray(model.trainable_variables[0].numpy()), name="cls_init"
+    )
+    cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2, batch_size=4)
+    trainer = Trainer(task, model, build_optimizer(cfg, 1e-2, 100), cfg)
+    trainer.broadcast_state()
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 12, 64)
+    docs = Documents(
+        rng.integers(1, VOCAB, lengths.sum()).astype(np.uint16),
+        np.concatenate([[0], np.cumsum(lengths)]),
+        rng.integers(0, 3, 64),
+        8,
+        4,
+        world.rank,
+        world.size,
+    )
+    for x, y, w in docs.train_dataset(epoch=0, seed=0):
+        trainer.train_step(x, y, w)
+    finals = distributed.allgather_object(_state(trainer), name="cls_final")
+    assert not np.array_equal(before[0], before[1])
+    for a, b in zip(finals[0], finals[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _lm_trainer(world, **cfg_overrides):
+    keras.utils.set_random_seed(70)
+    cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2, batch_size=4, **cfg_overrides)
+    trainer = Trainer(LM, build_causal_lm(MODEL, VOCAB), build_optimizer(cfg, 1e-2, 100), cfg)
+    trainer.broadcast_state()
+    return trainer
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(world):
+    trainer = _lm_trainer(world)
+    before = _state(trainer)
+    x, y, w = _batch(np.random.default_rng(world.rank), 4)
+    if world.rank == world.size - 1:
+        w[0] = np.nan  # poisons this rank's loss and gradients only
+    stats = trainer.train_step(x, y, w)
+    flags = distributed.allgather_object(float(stats["nonfinite"]), name="nan_flags")
+    assert flags == [1.0] * world.size  # every rank saw it
+    for a, b in zip(before, _state(trainer), strict=True):
+        np.testing.assert_array_equal(a, b)  # and no rank applied the update
+    x, y, w = _batch(np.random.default_rng(world.rank), 4)
+    assert float(trainer.train_step(x, y, w)["nonfinite"]) == 0.0  # the next clean step trains
+
+
+class _Poisoned(Windows):
+    """Windows whose 3rd training batch carries a NaN weight on the last rank."""
+
+    def train_dataset(self, epoch, seed, start_step=0, steps=None):
+        import tensorflow as tf
+
+        poison = self.rank == self.world - 1
+        ds = super().train_dataset(epoch, seed, start_step, steps).enumerate()
+        return ds.map(lambda i, b: (b[0], b[1], tf.where((i == 2) & poison, b[2] * np.nan, b[2])))
+
+
+def test_a_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_checkpoint(world, tmp_path):
+    from train import NonFiniteLoss, TrainState
+    from utils import checkpoint
+    from utils.run_dir import RunDir
+
+    trainer = _lm_trainer(world, checkpoint_every=1, epochs=1)
+    tokens = (
+        np.random.default_rng(1).integers(1, VOCAB, 8 * 4 * world.size * 6 + 1).astype(np.uint16)
+    )
+    train = _Poisoned(tokens, 8, 4, world.rank, world.size)
+    run_dir = RunDir(tmp_path)
+    with pytest.raises(
+        NonFiniteLoss, match=r"NaN/inf at step 3 .*training stopped on every rank"
+    ) as e:
+        trainer.fit(
+            train,
+            Windows(tokens, 8, 4, world.rank, world.size),
+            TrainState(),
+            train.steps_per_epoch,
+            run_dir=run_dir,
+        )
+    messages = distributed.allgather_object(str(e.value).split(";")[0], name="nan_messages")
+    assert len(set(messages)) == 1
+    if world.is_chief:
+        assert checkpoint.latest(run_dir.checkpoints).name == "step-00000002"  # the last good step

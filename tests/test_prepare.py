@@ -191,7 +191,7 @@ def test_vocab_too_large_is_a_clear_error(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt", paragraphs=100)
     with pytest.raises(
         UserError,
-        match=r"learning a 50000-token vocabulary failed \(this text supports at most \d+\); lower --data.vocab_size",
+        match=r"learning a 50000-token vocabulary failed: this text supports at most \d+ tokens; lower --data.vocab_size",
     ):
         prepare(_cfg(tmp_path, corpus, vocab_size=50000), progress=False, log=lambda *_: None)
 

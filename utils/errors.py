@@ -8,10 +8,12 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
 
 
 class UserError(Exception):
@@ -35,3 +37,42 @@ def exit_with_user_error(error: UserError, prog: str = "main.py") -> None:
     if launcher_rank() == 0:
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
+
+
+def exit_on_known_failure(error: BaseException, prog: str = "main.py") -> None:
+    """End a run that failed for a known reason with one line, not a traceback.
+
+    Known: training stopped on a NaN/inf loss (every rank stops at the same
+    step, rank 0 says so; exit 1); a full disk or a file-size limit (exit 2);
+    Horovod shut down because another rank failed or was killed (each
+    surviving rank says so, the failing rank's own error is printed above;
+    exit 1). Anything else returns, for the caller to re-raise.
+    """
+    name, text = type(error).__name__, str(error)
+    if name == "NonFiniteLoss":
+        if launcher_rank() == 0:
+            print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_FAILURE)
+    if isinstance(error, OSError) and (
+        error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
+        or "No space left" in text
+        or "File too large" in text
+    ):
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        if launcher_rank() == 0:
+            print(
+                f"{prog}: error: cannot write{where}: {error.strerror or text}; free space, raise the file-size "
+                "limit or choose another directory (files being written were removed; earlier ones are intact)",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(EXIT_USER_ERROR)
+    if "Horovod has been shut down" in text or name == "HorovodInternalError":
+        print(
+            f"{prog}: error (rank {launcher_rank()}): another rank stopped (it failed, was killed or lost its "
+            "connection), so Horovod shut down here too; the first error above is the cause. "
+            "Continue from the last checkpoint with --run-dir DIR --resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_FAILURE)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         plot_runs(args.run_dirs, args.out)
-    except FileNotFoundError as e:
+    except OSError as e:  # a missing history.csv, or an output that cannot be written
         print(f"python -m utils.plots: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {args.out}")

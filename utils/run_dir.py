@@ -109,15 +109,20 @@ class RunDir:
 
     def save_best_weights(self, model) -> None:
         """The weights of the best epoch so far (for train.restore_best), atomically."""
-        tmp = self.path / ".best.tmp.weights.h5"
-        model.save_weights(tmp)
-        tmp.replace(self.best_weights)
+        _save_atomically(model.save_weights, self.path / ".best.tmp.weights.h5", self.best_weights)
 
     def load_best_weights(self, model) -> None:
         model.load_weights(self.best_weights)
 
     def save_model(self, model) -> None:
         """model.keras, atomically (Keras writes a zip; a crash must not leave half of one)."""
-        tmp = self.path / ".model.tmp.keras"
-        model.save(tmp)
-        tmp.replace(self.model)
+        _save_atomically(model.save, self.path / ".model.tmp.keras", self.model)
+
+
+def _save_atomically(save, tmp: pathlib.Path, target: pathlib.Path) -> None:
+    """save(tmp), then rename onto target; on any failure remove tmp (nothing half-written)."""
+    try:
+        save(tmp)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,4 @@
+"""Benchmarks: training throughput, Horovod overhead and scaling, MFU, input pipeline, options.
+
+python -m bench --help
+"""

@@ -1,0 +1,125 @@
+"""What every benchmark shares: the reference data and config, timing, FLOPs, the matmul peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+# The reference configuration (the issue's, and nanoGPT's shakespeare-char shape):
+# GPT 4 layers, 4 heads, width 128, FFN 512, block 64, batch 12 per rank,
+# character vocabulary of 96, AdamW.
+REFERENCE = {
+    "n_layers": 4,
+    "n_heads": 4,
+    "d_model": 128,
+    "d_ff": 512,
+    "seq_len": 64,
+    "dropout": 0.0,
+}
+REFERENCE_BATCH = 12
+CHAR_VOCAB = 96  # id 0 is padding (never occurs); 1..95 are printable ASCII 32..126
+
+
+def char_tokens(max_chars: int = 2_000_000) -> np.ndarray:
+    """The built-in corpus (stdlib docstrings), cleaned, as character ids 1..95."""
+    from data.clean import clean_text
+    from data.sources import StdlibDocstrings
+
+    pieces, total = [], 0
+    for doc in StdlibDocstrings().documents():
+        text = clean_text(doc.text) + "\n"
+        pieces.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    codes = np.frombuffer("".join(pieces).encode("ascii", "replace"), dtype=np.uint8).astype(
+        np.int64
+    )
+    codes = np.where(
+        (codes >= 32) & (codes <= 126), codes - 31, ord("?") - 31
+    )  # newline and others -> "?"
+    return codes.astype(np.uint16)
+
+
+def flops_per_token(params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters plus the attention term 12 x layers x width x context."""
+    return 6.0 * params + 12.0 * n_layers * d_model * seq_len
+
+
+def matmul_peak(threads: int, size: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of a float32 size^3 matmul on this process's TensorFlow threads."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size))
+    b = tf.random.normal((size, size))
+    matmul = tf.function(lambda a, b: tf.matmul(a, b))
+    matmul(a, b).numpy()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        matmul(a, b).numpy()
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def median_time(
+    step: Callable[[], Any], warmup: int, steps: int, repeats: int
+) -> tuple[float, list[float]]:
+    """Median seconds per step over `repeats` blocks of `steps`, after `warmup` steps."""
+    for _ in range(warmup):
+        step()
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        blocks.append((time.perf_counter() - start) / steps)
+    return statistics.median(blocks), blocks
+
+
+def machine() -> dict[str, Any]:
+    import tensorflow as tf
+
+    info = {
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+    }
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def save(name: str, result: dict[str, Any]) -> pathlib.Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table of `rows` (floats with 3 significant decimals)."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Measure the project's training step: one process, or every rank under horovodrun.
+
+    python -m bench.step --model reference --out result.json
+    horovodrun -np 2 python -m bench.step --model reference --threads 1 --out result.json
+
+The step is the real one (train.Trainer.train_step) fed by the real input
+pipeline (data/load.py), after warm-up; the result is the median of
+repeated blocks. Rank 0 also measures the float32 matmul peak on the same
+threads, for MFU. Prints one JSON line; writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from bench.common import (
+    CHAR_VOCAB,
+    REFERENCE,
+    REFERENCE_BATCH,
+    char_tokens,
+    flops_per_token,
+    matmul_peak,
+    median_time,
+)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("reference", "tiny", "small"), default="reference")
+    p.add_argument("--batch", type=int, default=0, help="per-rank batch (default: the model's)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads per rank (0: cores / ranks)"
+    )
+    p.add_argument("--xla", type=int, default=1)
+    p.add_argument("--compression", default="none", choices=("none", "fp16"))
+    p.add_argument(
+        "--accumulate", type=int, default=1, help="micro-batches per update (allreduce once)"
+    )
+    p.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
+    p.add_argument("--no-horovod", action="store_true", help="run without Horovod at all")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak", type=int, default=1, help="also measure the matmul peak")
+    p.add_argument("--out", default="")
+    return p.parse_args(argv)
+
+
+def model_and_data(name: str, batch: int):
+    """(ModelConfig, per-rank batch, token array, vocabulary size) for a benchmark model."""
+    from utils.config import ModelConfig, resolve
+
+    if name == "reference":
+        return ModelConfig(**REFERENCE), batch or REFERENCE_BATCH, char_tokens(), CHAR_VOCAB
+    from data.prepare import prepare
+
+    config = resolve(name, None, {})
+    prepared = prepare(config.data, progress=False, log=lambda *_: None)
+    return (
+        config.model,
+        batch or config.train.batch_size,
+        prepared.tokens("train"),
+        prepared.vocab_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    from utils import distributed
+
+    world = distributed.init(threads=args.threads, use_horovod=False if args.no_horovod else None)
+    import keras
+    import numpy as np
+
+    from data.load import Windows
+    from models.transformer import count_params
+    from tasks import Task
+    from train import Trainer, build_optimizer
+    from utils.config import Config, TrainConfig
+
+    if args.precision != "float32":
+        keras.mixed_precision.set_global_policy(args.precision)
+    model_cfg, batch, tokens, vocab = model_and_data(args.model, args.batch)
+    train_cfg = TrainConfig(
+        batch_size=batch,
+        xla=bool(args.xla),
+        compression=args.compression,
+        accumulate_steps=args.accumulate,
+        warmup_steps=10,
+    )
+    task = Task(Config(model=model_cfg, train=train_cfg))
+    task.prepared = type("Prepared", (), {"vocab_size": vocab})()
+    keras.utils.set_random_seed(world.rank)
+    model = task.build_model()
+    trainer = Trainer(task, model, build_optimizer(train_cfg, 1e-3, 10_000), train_cfg)
+    trainer.broadcast_state()
+    shards = Windows(tokens, model_cfg.seq_len, batch, world.rank, world.size)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from shards.train_dataset(epoch, seed=0)
+            epoch += 1
+
+    stream = iter(batches())
+
+    def step():
+        x, y, w = next(stream)
+        stats = trainer.train_step(x, y, w)
+        stats["count"].numpy()  # wait for the step to finish
+
+    seconds, blocks = median_time(step, args.warmup, args.steps, args.repeats)
+    tokens_per_step = batch * model_cfg.seq_len * world.size
+    params = count_params(model)
+    result = {
+        "model": args.model,
+        "world_size": world.size,
+        "threads_per_rank": world.intra_op_threads,
+        "horovod": world.horovod,
+        "allreduce_skipped": not (world.horovod and world.size > 1),
+        "batch_per_rank": batch,
+        "seq_len": model_cfg.seq_len,
+        "vocab": vocab,
+        "parameters": params,
+        "xla": bool(args.xla),
+        "compression": args.compression,
+        "accumulate": args.accumulate,
+        "precision": args.precision,
+        "env": {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME")
+        },
+        "ms_per_step": seconds * 1e3,
+        "blocks_ms": [b * 1e3 for b in blocks],
+        "tokens_per_sec": tokens_per_step / seconds,
+        "flops_per_token": flops_per_token(
+            params, model_cfg.n_layers, model_cfg.d_model, model_cfg.seq_len
+        ),
+    }
+    if args.peak and world.is_chief:
+        # Per rank: the model FLOPs this rank does per second, over the peak of its own threads.
+        peak = matmul_peak(world.intra_op_threads)
+        per_rank = result["flops_per_token"] * result["tokens_per_sec"] / world.size / 1e9
+        result.update(
+            {"matmul_peak_gflops": peak, "model_gflops_per_rank": per_rank, "mfu": per_rank / peak}
+        )
+    if world.is_chief:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(line + "\n")
+    del np
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
