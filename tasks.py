@@ -65,10 +65,16 @@ class Task:
         return Windows(
             self.prepared.tokens(split),
             self.config.model.seq_len,
-            self.config.train.batch_size,
+            self.rows_per_step(split),
             w.rank,
             w.size,
         )
+
+    def rows_per_step(self, split: str) -> int:
+        """Rows this rank reads per step: a training step takes `accumulate_steps`
+        micro-batches of `batch_size` at once (train.py splits them); evaluation one."""
+        t = self.config.train
+        return t.batch_size * (t.accumulate_steps if split == "train" else 1)
 
     def transform(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
         return dataset
@@ -90,7 +96,8 @@ class Task:
         if train.steps_per_epoch == 0:
             raise UserError(
                 f"the train split holds {train.num_samples} {what}, fewer than one global batch "
-                f"(train.batch_size={train.batch_size} x {train.world} ranks); lower train.batch_size"
+                f"(train.batch_size x train.accumulate_steps = {train.batch_size} x {train.world} ranks); "
+                "lower train.batch_size"
                 + (" or model.seq_len" if self.name != "classify" else "")
                 + ", or add data"
             )
@@ -185,7 +192,7 @@ class Classify(Task):
             offsets,
             labels,
             self.config.model.seq_len,
-            self.config.train.batch_size,
+            self.rows_per_step(split),
             w.rank,
             w.size,
         )

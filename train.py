@@ -2,11 +2,14 @@
 
 One step, on every rank:
 
-    grads, stats = grad_fn(batch)          # forward + backward; XLA-compiled when train.xla
+    grads, stats = grad_fn(batch)          # forward + backward (k micro-batches with
+                                           #   train.accumulate_steps); XLA when train.xla
     grads = allreduce_gradients(grads)     # Horovod: average across ranks (outside XLA:
                                            #   Horovod ops have no XLA kernels)
-    optimizer.apply(grads)                 # clip by global norm, then update
+    apply_fn(grads)                        # clip by global norm, then update; XLA too
 
+With one rank there is nothing to average, and the whole step is one
+XLA-compiled function.
 Every rank applies the same averaged gradients to the same weights (rank 0's,
 broadcast once the optimizer is built), so the replicas stay identical.
 Metrics are summed per rank and across ranks before dividing. Rank 0 alone
@@ -143,46 +146,91 @@ class Trainer:
         self.task, self.model, self.optimizer, self.cfg = task, model, optimizer, cfg
         self.average_gradients = average_gradients
         self.optimizer.build(model.trainable_variables)
-        self._grad_fn = tf.function(self._gradients, jit_compile=cfg.xla, reduce_retracing=True)
+        jit = {"jit_compile": cfg.xla, "reduce_retracing": True}
+        self._grad_fn = tf.function(self._gradients, **jit)
+        self._grad_fn_accumulated = tf.function(self._accumulated_gradients, **jit)
+        self._apply_fn = tf.function(self._apply_unless_nonfinite, **jit)
         self._eval_fn = make_eval_fn(task, model, cfg.xla)
-        self.train_step = tf.function(self._train_step, jit_compile=False, reduce_retracing=True)
+        # Decided once, here: with several ranks the allreduce must sit between two
+        # compiled halves (Horovod ops have no XLA kernels); alone, the whole step
+        # (gradients and optimizer update) is one compiled function.
+        self.allreduce = average_gradients and distributed.world().size > 1
+        if self.allreduce:
+            self.train_step = tf.function(
+                self._split_step, jit_compile=False, reduce_retracing=True
+            )
+        else:
+            self.train_step = tf.function(self._local_step, **jit)
 
     # --- steps -----------------------------------------------------------
 
     def _gradients(self, x, y, w):
-        """Forward and backward pass: the part XLA may compile."""
+        """Forward and backward pass of one micro-batch: the part XLA may compile."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             stats = self.task.stats(self.model, x, y, w, training=True)
-            loss = stats["loss_sum"] / tf.maximum(
-                stats["loss_weight"], 1e-9
-            )  # mean over this rank's targets
+            # mean over this rank's targets
+            loss = stats["loss_sum"] / tf.maximum(stats["loss_weight"], 1e-9)
         grads = tape.gradient(loss, variables)
-        return [tf.convert_to_tensor(g) for g in grads], stats
+        return [tf.convert_to_tensor(g, tf.float32) for g in grads], stats
 
-    def _train_step(self, x, y, w):
-        grads, stats = self._grad_fn(x, y, w)
-        # 1.0 when this rank's loss or gradients are NaN/inf.
-        bad = tf.cast(
-            tf.logical_not(
-                tf.math.is_finite(stats["loss_sum"])
-                & tf.math.is_finite(tf.linalg.global_norm(grads))
-            ),
-            tf.float32,
+    def _accumulated_gradients(self, x, y, w):
+        """Gradients and summed stats of `accumulate_steps` micro-batches, locally.
+
+        The rows of (x, y, w) are split into k micro-batches. Each one's
+        gradient is of its mean loss, so they are combined weighted by their
+        loss weights: the result is exactly the gradient of the mean loss of
+        the whole k x batch_size rows, with one micro-batch in memory at a time.
+        Also returns 1.0 when the loss or the gradients are NaN/inf, else 0.0.
+        """
+        k = self.cfg.accumulate_steps
+        if k == 1:
+            grads, stats = self._grad_fn(x, y, w)
+        else:
+
+            def part(i):  # rows [i*B, (i+1)*B) of every tensor (inputs may be a dict)
+                return tf.nest.map_structure(lambda t: tf.split(t, k)[i], (x, y, w))
+
+            total, stats = None, None
+            for i in range(k):
+                grads_i, stats_i = self._grad_fn(*part(i))
+                weight = stats_i["loss_weight"]
+                scaled = [g * weight for g in grads_i]
+                if total is None:
+                    total, stats = scaled, stats_i
+                else:
+                    total = [a + b for a, b in zip(total, scaled, strict=True)]
+                    stats = {key: stats[key] + stats_i[key] for key in stats}
+            norm = tf.maximum(stats["loss_weight"], 1e-9)
+            grads = [g / norm for g in total]
+        finite = tf.math.is_finite(stats["loss_sum"]) & tf.math.is_finite(
+            tf.linalg.global_norm(grads)
         )
-        if self.average_gradients:
-            # Horovod: average gradients across ranks before any rank applies them.
-            # The NaN flag rides in the same fused allreduce, so every rank sees
-            # "some rank went non-finite" at the same step and decides alike.
-            *grads, bad = distributed.allreduce_gradients([*grads, bad], self.cfg.compression)
+        return grads, stats, 1.0 - tf.cast(finite, tf.float32)
+
+    def _apply_unless_nonfinite(self, grads, bad):
+        """The optimizer update, unless some rank went non-finite (then nothing changes)."""
 
         def apply():
             self.optimizer.apply(grads, self.model.trainable_variables)
             return tf.constant(True)
 
-        tf.cond(
-            bad > 0, lambda: tf.constant(False), apply
-        )  # a non-finite step changes nothing, on any rank
+        tf.cond(bad > 0, lambda: tf.constant(False), apply)
+
+    def _local_step(self, x, y, w):
+        """The whole step without an allreduce (one rank): compiled as one function."""
+        grads, stats, bad = self._accumulated_gradients(x, y, w)
+        self._apply_unless_nonfinite(grads, bad)
+        return {**stats, "nonfinite": bad}
+
+    def _split_step(self, x, y, w):
+        """Compiled gradients -> Horovod allreduce -> compiled update."""
+        grads, stats, bad = self._grad_fn_accumulated(x, y, w)
+        # Horovod: average gradients across ranks before any rank applies them.
+        # The NaN flag rides in the same fused allreduce, so every rank sees
+        # "some rank went non-finite" at the same step and decides alike.
+        *grads, bad = distributed.allreduce_gradients([*grads, bad], self.cfg.compression)
+        self._apply_fn(grads, bad)
         return {**stats, "nonfinite": tf.cast(bad > 0, tf.float32)}
 
     def broadcast_state(self) -> None:
@@ -447,6 +495,7 @@ def run_training(
     # Horovod: the global batch is batch_size x ranks, so the learning rate scales with it.
     peak_lr = distributed.scaled_learning_rate(t.lr, t.scale_lr)
 
+    keras.mixed_precision.set_global_policy(t.precision)
     model = task.build_model()
     trainer = Trainer(task, model, build_optimizer(t, peak_lr, total_steps), t)
     if resume:

@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     world = distributed.init(threads=args.threads, use_horovod=False if args.no_horovod else None)
     import keras
-    import numpy as np
 
     from data.load import Windows
     from models.transformer import count_params
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = task.build_model()
     trainer = Trainer(task, model, build_optimizer(train_cfg, 1e-3, 10_000), train_cfg)
     trainer.broadcast_state()
-    shards = Windows(tokens, model_cfg.seq_len, batch, world.rank, world.size)
+    # One step reads `accumulate` micro-batches of `batch` rows (train.py splits them).
+    shards = Windows(tokens, model_cfg.seq_len, batch * args.accumulate, world.rank, world.size)
 
     def batches():
         epoch = 0
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         stats["count"].numpy()  # wait for the step to finish
 
     seconds, blocks = median_time(step, args.warmup, args.steps, args.repeats)
-    tokens_per_step = batch * model_cfg.seq_len * world.size
+    tokens_per_step = batch * args.accumulate * model_cfg.seq_len * world.size
     params = count_params(model)
     result = {
         "model": args.model,
@@ -154,7 +154,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out:
             with open(args.out, "w") as f:
                 f.write(line + "\n")
-    del np
     return result
 
 

@@ -17,6 +17,8 @@
 #   VENV                 where the venv goes             (default: .venv)
 #   HOROVOD_WHEEL_CACHE  where built wheels are kept     (default: ~/.cache/keras-horovod-lm/wheels)
 #   SKIP_HOROVOD=1       set up without Horovod (everything runs as one process)
+#   EXTRAS               setup.cfg extras to install     (default: dev,horovod; the tests
+#                        add bench, the PyTorch reference of the benchmarks)
 #   HOROVOD_GPU_OPERATIONS=NCCL etc. are passed to Horovod's build unchanged.
 set -euo pipefail
 
@@ -26,6 +28,7 @@ PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keras-horovod-lm/wheels}
 SKIP_HOROVOD=${SKIP_HOROVOD:-0}
+EXTRAS=${EXTRAS:-dev,horovod}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -36,10 +39,21 @@ fi
 
 stamp_now=$( (cat setup.cfg pyproject.toml "$0"; echo "skip_horovod=$SKIP_HOROVOD") | sha256sum | cut -c1-16)
 stamp_file="$VENV/.setup-stamp"
-if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_now" ]; then
-  log "up to date ($VENV)"
-  exit 0
+# The stamp holds the hash and the extras installed with it: a set-up asking for
+# fewer extras than are installed has nothing to do.
+installed_extras=""
+if [ -f "$stamp_file" ] && [ "$(head -n1 "$stamp_file")" = "$stamp_now" ]; then
+  installed_extras=$(sed -n 2p "$stamp_file")
+  missing=0
+  for extra in ${EXTRAS//,/ }; do
+    case ",$installed_extras," in *",$extra,"*) ;; *) missing=1 ;; esac
+  done
+  if [ "$missing" = 0 ]; then
+    log "up to date ($VENV)"
+    exit 0
+  fi
 fi
+all_extras=$(printf '%s\n' ${EXTRAS//,/ } ${installed_extras//,/ } | sort -u | paste -sd, -)
 
 start=$(date +%s)
 if [ ! -x "$VENV/bin/python" ]; then
@@ -51,7 +65,7 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 log "installing the project and its dependencies (TensorFlow, keras-hub, ...)"
 "${PIP[@]}" install -q --upgrade pip setuptools wheel
-"${PIP[@]}" install -q -e '.[dev,horovod]'
+"${PIP[@]}" install -q -e ".[$all_extras]"
 
 if [ "$SKIP_HOROVOD" = 1 ]; then
   log "SKIP_HOROVOD=1: Horovod not installed; main.py runs as one process"
@@ -91,5 +105,5 @@ else
     || { log "error: Horovod was installed without TensorFlow support"; exit 1; }
 fi
 
-echo "$stamp_now" >"$stamp_file"
+printf '%s\n%s\n' "$stamp_now" "$all_extras" >"$stamp_file"
 log "done in $(($(date +%s) - start)) s; activate with: . $VENV/bin/activate"

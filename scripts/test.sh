@@ -4,7 +4,8 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k prepare -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# The tests also run the benchmark suite, whose PyTorch reference needs the bench extra.
+EXTRAS=dev,horovod,bench bash scripts/setup.sh
 echo "[test] ruff" >&2
 .venv/bin/ruff check .
 echo "[test] pytest" >&2

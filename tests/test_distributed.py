@@ -125,6 +125,53 @@ def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world):
     )
 
 
+FP16_TOLERANCE = 2e-3  # of the largest weight change; fp16 keeps 11 significant bits (~5e-4)
+
+
+def test_fp16_compression_keeps_ranks_identical_and_close_to_uncompressed(world):
+    """Gradients sent as float16: every rank applies the same (rounded) average, and
+    the weights stay within FP16_TOLERANCE of the uncompressed run's."""
+    _need_two(world)
+    cfg = TrainConfig(
+        optimizer="sgd",
+        momentum=0.0,
+        lr=0.5,
+        schedule="constant",
+        warmup_steps=0,
+        clip_norm=0.0,
+        weight_decay=0.0,
+        xla=False,
+    )
+    model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
+    keras.utils.set_random_seed(11)
+    trainers = {}
+    for compression in ("none", "fp16"):
+        run_cfg = TrainConfig(**{**cfg.__dict__, "compression": compression})
+        model = build_causal_lm(model_cfg, VOCAB)
+        trainers[compression] = Trainer(LM, model, build_optimizer(run_cfg, cfg.lr, 100), run_cfg)
+        trainers[compression].broadcast_state()
+    initial = [v.numpy() for v in trainers["none"].model.trainable_variables]
+    for src, dst in zip(
+        trainers["none"].model.trainable_variables,
+        trainers["fp16"].model.trainable_variables,
+        strict=True,
+    ):
+        dst.assign(src)
+    rng = np.random.default_rng(world.rank)
+    for _ in range(3):
+        batch = _batch(rng, 4)
+        for trainer in trainers.values():
+            trainer.train_step(*batch)
+    plain = [v.numpy() for v in trainers["none"].model.trainable_variables]
+    packed = [v.numpy() for v in trainers["fp16"].model.trainable_variables]
+    every_rank = distributed.allgather_object(packed, name="fp16_weights")
+    for a, b in zip(every_rank[0], every_rank[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    change = max(np.max(np.abs(p - i)) for p, i in zip(plain, initial, strict=True))
+    gap = max(np.max(np.abs(p - q)) for p, q in zip(plain, packed, strict=True))
+    assert 0 < gap < FP16_TOLERANCE * change, (gap, change)
+
+
 def test_epoch_metrics_over_unequal_shards_are_exact(world):
     # rank r holds r + 1 ... r * 3 + 1 tokens: unequal shards with unequal means
     per_rank = [np.arange(1, 3 * r + 2, dtype=float) * (r + 1) for r in range(world.size)]

@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "jsonl", "csv")
 COMPRESSIONS = ("none", "fp16")
 NONFINITE = ("stop", "skip")
+PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -114,6 +115,17 @@ class TrainConfig:
     )
     threads: int = _opt(0, "intra-op threads per rank (0: CPU cores / ranks on this host)")
     compression: str = _opt("none", "compression of gradients sent between ranks", COMPRESSIONS)
+    accumulate_steps: int = _opt(
+        1,
+        "micro-batches of batch_size per update, gradients summed locally and allreduced once "
+        "(global batch = batch_size x accumulate_steps x world size)",
+    )
+    precision: str = _opt(
+        "float32",
+        "compute dtype policy; mixed_bfloat16 runs matmuls in bfloat16 (variables and loss "
+        "stay float32)",
+        PRECISIONS,
+    )
     checkpoint_every: int = _opt(
         200, "save a checkpoint every N steps, and at each epoch end (0: epoch ends only)"
     )
@@ -369,7 +381,7 @@ def validate(config: Config) -> None:
         raise UserError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})"
         )
-    for name in ("batch_size", "epochs", "log_every", "keep_checkpoints"):
+    for name in ("batch_size", "epochs", "log_every", "keep_checkpoints", "accumulate_steps"):
         positive("train", name, getattr(t, name))
     for name in (
         "steps_per_epoch",

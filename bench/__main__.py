@@ -1,0 +1,348 @@
+"""The benchmark suite: every measurement behind BENCHMARKS.md.
+
+    python -m bench                         # all suites (about 20 minutes on 2 cores)
+    python -m bench --suite scaling options # some of them
+    python -m bench --quick                 # a smoke run (the tests use it)
+
+Each measurement runs in a fresh process (threads are fixed at start-up,
+horovodrun launches its own), is printed as it finishes, and lands in
+`<out>/<suite>.json` with the exact command; `<out>/report.md` gathers the
+tables. Suites:
+
+- throughput: ms/step and tokens/s of the reference config and the presets,
+  one process on all cores, after warm-up, median of repeated blocks; MFU;
+- torch: the same reference config in PyTorch (nanoGPT's model and loop);
+- overhead: horovodrun -np 1 against one process without Horovod;
+- scaling: np=2 x 1 thread against np=1 x 1 thread, and against one
+  process on both cores;
+- pipeline: what data/load.py delivers alone, against what training takes;
+- options: fp16 compression, gradient accumulation, Horovod fusion
+  threshold and cycle time, XLA, mixed bfloat16, at np=2 (and np=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.common import RESULTS, table
+
+SUITES = ("throughput", "torch", "overhead", "scaling", "pipeline", "options")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = pathlib.Path(sys.executable).parent
+
+
+class Runner:
+    """Runs one measurement per process and keeps its result and command."""
+
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def _timing(self, module: str) -> list[str]:
+        if not self.quick:
+            return []
+        if module == "bench.pipeline":
+            return ["--warmup", "5", "--steps", "20", "--repeats", "2"]
+        return ["--warmup", "3", "--steps", "3", "--repeats", "2"]
+
+    def run(
+        self, module: str, args: list[str], np: int = 0, env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`python -m module args` (under `horovodrun -np np` when np > 0); its JSON result."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "result.json")
+            python = [sys.executable, "-m", module, *args, *self._timing(module)]
+            launcher = []
+            if np:
+                horovodrun = str(BIN / "horovodrun")
+                launcher = [horovodrun, "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
+            command = [*launcher, *python, "--out", out]
+            shown = " ".join(
+                [f"{k}={v}" for k, v in (env or {}).items()]
+                + ["horovodrun"] * bool(np)
+                + launcher[1:]
+                + ["python", "-m", module, *args]
+            )
+            if shown in self.cache:
+                return self.cache[shown]
+            print(f"[bench] {shown}", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            proc = subprocess.run(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if proc.returncode != 0 or not os.path.exists(out):
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"[bench] failed ({proc.returncode}): {shown}")
+            with open(out) as f:
+                result = json.load(f)
+        result["command"] = shown
+        result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        self.cache[shown] = result
+        print(
+            f"[bench]   -> {result.get('ms_per_step', result.get('ms_per_batch')):.2f} ms, "
+            f"{result['tokens_per_sec']:,.0f} tokens/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+
+def horovod_installed() -> bool:
+    from utils.distributed import horovod_available
+
+    return horovod_available() and (BIN / "horovodrun").exists()
+
+
+def torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+# --- suites ------------------------------------------------------------------------
+
+
+def throughput(r: Runner) -> dict[str, Any]:
+    models = ("reference",) if r.quick else ("reference", "tiny", "small")
+    rows = []
+    for model in models:
+        for xla in (1, 0) if model == "reference" and not r.quick else (1,):
+            res = r.run("bench.step", ["--model", model, "--xla", str(xla), "--no-horovod"])
+            rows.append({**res, "path": "one process, all cores"})
+    return {
+        "rows": rows,
+        "table": table(
+            rows,
+            [
+                "model",
+                "parameters",
+                "batch_per_rank",
+                "seq_len",
+                "xla",
+                "threads_per_rank",
+                "ms_per_step",
+                "tokens_per_sec",
+                "matmul_peak_gflops",
+                "model_gflops_per_rank",
+                "mfu",
+            ],
+        ),
+    }
+
+
+def torch_vs_keras(r: Runner) -> dict[str, Any]:
+    keras_row = r.run("bench.step", ["--model", "reference", "--no-horovod"])
+    rows = [{**keras_row, "stack": "this project (Keras 3, XLA)"}]
+    if torch_installed():
+        torch_row = r.run("bench.torch_gpt", [])
+        rows.append({**torch_row, "stack": torch_row["framework"]})
+        ratio = keras_row["tokens_per_sec"] / torch_row["tokens_per_sec"]
+    else:
+        ratio = None
+        print("[bench] torch not installed: pip install -e '.[bench]'", file=sys.stderr)
+    for row in rows:
+        row["threads"] = row.get("threads", row.get("threads_per_rank"))
+    return {
+        "rows": rows,
+        "keras_over_torch": ratio,
+        "target": 1.2,
+        "met": ratio is not None and ratio >= 1.2,
+        "table": table(rows, ["stack", "threads", "parameters", "ms_per_step", "tokens_per_sec"])
+        + (f"\n\nKeras / PyTorch tokens/s: **{ratio:.2f}x** (target >= 1.2x)" if ratio else ""),
+    }
+
+
+def overhead(r: Runner) -> dict[str, Any]:
+    plain = r.run("bench.step", ["--model", "reference", "--no-horovod"])
+    rows = [{**plain, "path": "python (no Horovod)"}]
+    if horovod_installed():
+        hvd1 = r.run("bench.step", ["--model", "reference"], np=1)
+        rows.append({**hvd1, "path": "horovodrun -np 1"})
+        cost = hvd1["ms_per_step"] / plain["ms_per_step"] - 1
+    else:
+        cost = None
+    return {
+        "rows": rows,
+        "overhead": cost,
+        "target": 0.03,
+        "met": cost is not None and cost <= 0.03,
+        "table": table(
+            rows, ["path", "threads_per_rank", "allreduce_skipped", "ms_per_step", "tokens_per_sec"]
+        )
+        + (
+            f"\n\nHorovod overhead at np=1: **{cost:+.1%}** (target <= 3%)"
+            if cost is not None
+            else ""
+        ),
+    }
+
+
+def scaling(r: Runner) -> dict[str, Any]:
+    if not horovod_installed():
+        return {"rows": [], "table": "(Horovod not installed)"}
+    one = r.run("bench.step", ["--model", "reference", "--threads", "1"], np=1)
+    two = r.run("bench.step", ["--model", "reference", "--threads", "1"], np=2)
+    both = r.run("bench.step", ["--model", "reference", "--no-horovod"])
+    rows = [
+        {**one, "run": "np=1 x 1 thread"},
+        {**two, "run": "np=2 x 1 thread"},
+        {**both, "run": "1 process x 2 threads"},
+    ]
+    efficiency = two["tokens_per_sec"] / one["tokens_per_sec"] / 2
+    versus_both = two["tokens_per_sec"] / both["tokens_per_sec"]
+    return {
+        "rows": rows,
+        "efficiency": efficiency,
+        "np2_over_one_process_two_threads": versus_both,
+        "target": 0.9,
+        "met": efficiency >= 0.9,
+        "table": table(
+            rows,
+            [
+                "run",
+                "world_size",
+                "threads_per_rank",
+                "batch_per_rank",
+                "allreduce_skipped",
+                "ms_per_step",
+                "tokens_per_sec",
+            ],
+        )
+        + f"\n\nScaling efficiency np=2 vs np=1 (1 thread each): **{efficiency:.1%}** "
+        f"(target >= 90%); np=2 x 1 thread vs one process x 2 threads: **{versus_both:.2f}x**",
+    }
+
+
+def pipeline(r: Runner) -> dict[str, Any]:
+    rows = []
+    for model in ("reference",) if r.quick else ("reference", "small"):
+        feed = r.run("bench.pipeline", ["--model", model])
+        train = r.run("bench.step", ["--model", model, "--no-horovod"])
+        rows.append(
+            {
+                "model": model,
+                "pipeline_tokens_per_sec": feed["tokens_per_sec"],
+                "training_tokens_per_sec": train["tokens_per_sec"],
+                "ratio": feed["tokens_per_sec"] / train["tokens_per_sec"],
+                "command": feed["command"],
+            }
+        )
+    return {
+        "rows": rows,
+        "target": 20,
+        "met": all(row["ratio"] >= 20 for row in rows),
+        "table": table(
+            rows, ["model", "pipeline_tokens_per_sec", "training_tokens_per_sec", "ratio"]
+        ),
+    }
+
+
+def options(r: Runner) -> dict[str, Any]:
+    if not horovod_installed():
+        return {"rows": [], "table": "(Horovod not installed)"}
+    ref = ["--model", "reference", "--threads", "1"]
+    variants: list[tuple[str, list[str], dict[str, str]]] = [
+        ("baseline (XLA, fp32, no compression)", [], {}),
+        ("fp16 compression", ["--compression", "fp16"], {}),
+        ("accumulate 2 micro-batches", ["--accumulate", "2"], {}),
+    ]
+    if not r.quick:
+        variants += [
+            ("accumulate 4 micro-batches", ["--accumulate", "4"], {}),
+            ("no fusion (HOROVOD_FUSION_THRESHOLD=0)", [], {"HOROVOD_FUSION_THRESHOLD": "0"}),
+            ("cycle time 0.1 ms", [], {"HOROVOD_CYCLE_TIME": "0.1"}),
+            ("cycle time 5 ms", [], {"HOROVOD_CYCLE_TIME": "5"}),
+            ("no XLA", ["--xla", "0"], {}),
+            ("mixed bfloat16", ["--precision", "mixed_bfloat16"], {}),
+        ]
+    rows = []
+    for name, args, env in variants:
+        two = r.run("bench.step", [*ref, *args], np=2, env=env)
+        # np=1 skips the allreduce: communication options change nothing there.
+        compute_args = [a for a in args if a not in ("--compression", "fp16")]
+        one = r.run("bench.step", [*ref, *compute_args], np=1)
+        rows.append(
+            {
+                "option": name,
+                "np2_ms_per_step": two["ms_per_step"],
+                "np2_tokens_per_sec": two["tokens_per_sec"],
+                "np1_tokens_per_sec": one["tokens_per_sec"],
+                "efficiency": two["tokens_per_sec"] / one["tokens_per_sec"] / 2,
+                "command": two["command"],
+            }
+        )
+    base = rows[0]["np2_tokens_per_sec"]
+    for row in rows:
+        row["np2_vs_baseline"] = row["np2_tokens_per_sec"] / base
+    return {
+        "rows": rows,
+        "table": table(
+            rows,
+            [
+                "option",
+                "np2_ms_per_step",
+                "np2_tokens_per_sec",
+                "np2_vs_baseline",
+                "np1_tokens_per_sec",
+                "efficiency",
+            ],
+        ),
+    }
+
+
+SUITE_FUNCTIONS = {
+    "throughput": throughput,
+    "torch": torch_vs_keras,
+    "overhead": overhead,
+    "scaling": scaling,
+    "pipeline": pipeline,
+    "options": options,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", nargs="+", choices=SUITES, default=list(SUITES))
+    p.add_argument("--quick", action="store_true", help="few steps: checks the code, not speed")
+    p.add_argument("--out", default=str(RESULTS), help="where the JSON and report.md go")
+    args = p.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from bench.common import machine
+
+    runner = Runner(args.quick)
+    info = machine()
+    report = [f"Machine: {json.dumps(info)}", f"Command: python -m bench {shlex.join(argv or [])}"]
+    for suite in args.suite:
+        result = SUITE_FUNCTIONS[suite](runner)
+        result.update({"suite": suite, "machine": info, "quick": args.quick})
+        (out / f"{suite}.json").write_text(json.dumps(result, indent=2) + "\n")
+        section = f"## {suite}\n\n{result['table']}\n"
+        print("\n" + section, flush=True)
+        report.append(section)
+    report.append(
+        "Commands:\n\n"
+        + "\n".join(
+            f"    {cmd}" for cmd in dict.fromkeys(r["command"] for r in runner.cache.values())
+        )
+    )
+    (out / "report.md").write_text("\n\n".join(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

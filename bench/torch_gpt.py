@@ -1,0 +1,160 @@
+"""The PyTorch reference: nanoGPT's model and training loop, eager, on the CPU.
+
+    python -m bench.torch_gpt --threads 2 --out result.json
+
+Same shape as the Keras reference (bench/common.py REFERENCE: 4 layers, 4
+heads, width 128, FFN 512, block 64, batch 12, 96 characters), same data
+(the built-in corpus as characters), AdamW with global-norm clipping, as in
+nanoGPT's train.py (model.py's GPT: pre-norm blocks, causal
+scaled_dot_product_attention, GELU MLP, learned positions, tied output
+embedding). Needs `pip install torch==2.13.0` (the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from bench.common import (
+    CHAR_VOCAB,
+    REFERENCE,
+    REFERENCE_BATCH,
+    char_tokens,
+    flops_per_token,
+    median_time,
+)
+
+
+def build_gpt(vocab: int, n_layers: int, n_heads: int, d_model: int, d_ff: int, seq_len: int):
+    """nanoGPT's GPT (model.py), trimmed to what training uses; bias=True, dropout 0."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class CausalSelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(d_model, 3 * d_model)
+            self.c_proj = nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            B, T, C = x.size()
+            q, k, v = self.c_attn(x).split(d_model, dim=2)
+            q, k, v = (t.view(B, T, n_heads, C // n_heads).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+            self.attn = CausalSelfAttention()
+            self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(vocab, d_model)
+            self.wpe = nn.Embedding(seq_len, d_model)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+            self.ln_f = nn.LayerNorm(d_model)
+            self.lm_head = nn.Linear(d_model, vocab, bias=False)
+            self.wte.weight = self.lm_head.weight  # tied, as in nanoGPT
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("c_proj.weight") else 0.02
+                    nn.init.normal_(p, 0.0, std)
+
+        def forward(self, idx, targets):
+            pos = torch.arange(idx.size(1), device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)
+            for block in self.blocks:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    return GPT()
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.torch_gpt", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--batch", type=int, default=REFERENCE_BATCH)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    import os
+
+    import numpy as np
+    import torch
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shape = {k: REFERENCE[k] for k in ("n_layers", "n_heads", "d_model", "d_ff", "seq_len")}
+    model = build_gpt(CHAR_VOCAB, **shape)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.9, 0.98),
+    )
+    data = torch.from_numpy(char_tokens().astype(np.int64))
+    block, generator = shape["seq_len"], torch.Generator().manual_seed(0)
+
+    def get_batch():  # nanoGPT's get_batch: random windows
+        ix = torch.randint(len(data) - block - 1, (args.batch,), generator=generator)
+        x = torch.stack([data[i : i + block] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + block] for i in ix])
+        return x, y
+
+    model.train()
+
+    def step():
+        x, y = get_batch()
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # wait for the step, as the Keras benchmark does
+
+    seconds, blocks = median_time(step, args.warmup, args.steps, args.repeats)
+    params = sum(p.numel() for p in model.parameters())
+    result = {
+        "framework": f"pytorch {torch.__version__} eager",
+        "model": "reference",
+        "threads": threads,
+        "batch_per_rank": args.batch,
+        "seq_len": block,
+        "parameters": params,
+        "ms_per_step": seconds * 1e3,
+        "blocks_ms": [b * 1e3 for b in blocks],
+        "tokens_per_sec": args.batch * block / seconds,
+        "flops_per_token": flops_per_token(params, shape["n_layers"], shape["d_model"], block),
+    }
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
