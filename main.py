@@ -88,7 +88,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
 
     from utils import distributed
 
-    world = distributed.init(threads=config.train.threads)
+    world = distributed.init(threads=config.train.threads, elastic=config.train.elastic)
+    if config.train.elastic and not world.elastic:
+        distributed.print0(
+            "note: --elastic: not started by horovodrun in elastic mode (--min-np or "
+            "--host-discovery-script), so this is an ordinary run"
+        )
     import train
     from tasks import make_task
 
