@@ -130,9 +130,11 @@ def fit_elastic(
             if world.size != seen["size"]:
                 event["peak_lr"] = _rescale_schedule(trainer, progress, steps_per_epoch)
                 # Trace the step again: the LR schedule's constants are baked into the graph.
-                trainer.train_step = tf.function(
-                    trainer.train_step.python_function, jit_compile=False, reduce_retracing=True
-                )
+                step_fn = getattr(trainer.train_step, "python_function", None)
+                if step_fn is not None:
+                    trainer.train_step = tf.function(
+                        step_fn, jit_compile=False, reduce_retracing=True
+                    )
             resets.append(event)
             seen.update(resets=elastic.resets, size=world.size)
             distributed.print0(
