@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import threading
@@ -49,6 +50,18 @@ class _Lines:
 
     def text(self) -> str:
         return "".join(line for _, line in self.lines)
+
+
+def _kill_leftovers(marker: str) -> None:
+    """SIGKILL any process whose command line contains `marker` (workers outlive a failed test)."""
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 @requires_horovod
@@ -113,6 +126,7 @@ def test_a_killed_worker_leaves_the_survivor_to_finish_at_world_size_1(tmp_path)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        _kill_leftovers(str(run_dir))
         output.thread.join(timeout=10)
         process.stdout.close()
     text = output.text()
