@@ -3,6 +3,8 @@
     python main.py                              # one process: default corpus, preset "small"
     horovodrun -np 4 python main.py             # 4 ranks on this machine (Gloo)
     horovodrun -np 8 -H host1:4,host2:4 python main.py   # 2 hosts x 4 ranks (see README)
+    horovodrun -np 2 --min-np 1 --max-np 2 -H localhost:1,127.0.0.1:1 --network-interface lo \
+        python main.py --elastic                # survives a lost worker (docs/elastic.md)
     python main.py --preset tiny                # a smoke run in seconds
     python main.py --data notes.txt --train.epochs=10 --model.n_layers=6
     python main.py --config my.yaml --run-dir runs/exp1
@@ -88,7 +90,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
 
     from utils import distributed
 
-    world = distributed.init(threads=config.train.threads)
+    world = distributed.init(threads=config.train.threads, elastic=config.train.elastic)
+    if config.train.elastic and not world.elastic:
+        distributed.print0(
+            "note: --elastic: not started by horovodrun in elastic mode (--min-np or "
+            "--host-discovery-script), so this is an ordinary run"
+        )
     import train
     from tasks import make_task
 

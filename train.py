@@ -542,7 +542,13 @@ def run_training(
     callbacks = [ProgressBar(t.epochs, t.log_every), HistoryCSV(run_dir)]
     if t.tensorboard:
         callbacks.append(TensorBoard(run_dir, t.log_every))
-    state = trainer.fit(train, val, state, steps_per_epoch, callbacks, run_dir)
+    resets = None
+    if distributed.world().elastic:  # --elastic under horovodrun's elastic mode
+        from elastic_train import fit_elastic
+
+        state, resets = fit_elastic(trainer, task, state, callbacks, run_dir)
+    else:
+        state = trainer.fit(train, val, state, steps_per_epoch, callbacks, run_dir)
     if t.restore_best:
         trainer.restore_best(state, run_dir)
 
@@ -552,8 +558,10 @@ def run_training(
         "stopped_early": state.stopped_early,
         "best_epoch": state.best_epoch,
         "train_seconds": state.train_seconds,
-        "world_size": world.size,
+        "world_size": distributed.world().size,  # at the end (elastic: it may have changed)
     }
+    if resets is not None:
+        final["elastic_resets"] = resets
     if state.history:
         # Keys of their own: evaluate.py owns val_* and test_* (whole splits).
         final.update(

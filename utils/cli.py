@@ -78,6 +78,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
         overrides.setdefault("data.path", args.data_path)
     if getattr(args, "init_from", None):
         overrides.setdefault("train.init_from", args.init_from)
+    if getattr(args, "elastic", False):
+        overrides.setdefault("train.elastic", "true")
     return overrides
 
 
@@ -102,6 +104,12 @@ def build_parser(command: str, description: str = "") -> argparse.ArgumentParser
             "--resume",
             action="store_true",
             help="continue the run in --run-dir from its newest checkpoint",
+        )
+        p.add_argument(
+            "--elastic",
+            action="store_true",
+            help="Horovod elastic training: under horovodrun --min-np/--host-discovery-script, "
+            "the job survives a lost worker (docs/elastic.md); alone, an ordinary run",
         )
         p.add_argument(
             "--init-from",

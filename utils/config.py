@@ -130,6 +130,16 @@ class TrainConfig:
         200, "save a checkpoint every N steps, and at each epoch end (0: epoch ends only)"
     )
     keep_checkpoints: int = _opt(3, "number of most recent checkpoints kept")
+    elastic: bool = _opt(
+        False,
+        "Horovod elastic training (horovodrun --min-np/--host-discovery-script): survive a lost "
+        "worker and go on with the others; same as --elastic",
+    )
+    commit_every: int = _opt(
+        0,
+        "elastic: keep an in-memory copy of the state every N steps, and at each epoch end "
+        "(0: every train.checkpoint_every steps)",
+    )
     log_every: int = _opt(10, "update the progress bar every N steps")
     eval_batches: int = _opt(
         0, "validation batches per rank at each epoch end (0: the whole split)"
@@ -388,6 +398,7 @@ def validate(config: Config) -> None:
         "max_steps",
         "warmup_steps",
         "checkpoint_every",
+        "commit_every",
         "eval_batches",
         "threads",
         "weight_decay",

@@ -13,7 +13,9 @@ module supplies the integration from Horovod's core ops, which do work:
 - `allreduce_sums()`: exact cross-rank metrics (sum values and counts, then
   divide, never a mean of per-rank means);
 - `broadcast_object()`, `allgather_object()`, `any_rank()`, `barrier()`;
-- `is_chief()` / `print0()`: rank 0 alone prints, checkpoints and plots.
+- `is_chief()` / `print0()`: rank 0 alone prints, checkpoints and plots;
+- `elastic_state()` / `run_elastic()`: Horovod elastic training (--elastic
+  under `horovodrun --min-np ...`): the job goes on when a worker is lost.
 
 Without Horovod installed (or with `use_horovod=False`) every function is
 the single-process identity, so the same training code runs either way.
@@ -57,6 +59,7 @@ class World:
     cross_size: int = 1  # number of hosts
     horovod: bool = False  # whether Horovod is active (even at size 1)
     intra_op_threads: int = 0
+    elastic: bool = False  # horovodrun elastic mode and --elastic: the size may change
 
     @property
     def is_chief(self) -> bool:
@@ -66,7 +69,7 @@ class World:
 _world = World()
 
 
-def init(threads: int = 0, use_horovod: bool | None = None) -> World:
+def init(threads: int = 0, use_horovod: bool | None = None, elastic: bool = False) -> World:
     """Start Horovod (if available) and configure TensorFlow for this rank.
 
     Call once, before TensorFlow runs any op.
@@ -76,6 +79,8 @@ def init(threads: int = 0, use_horovod: bool | None = None) -> World:
             cores evenly among its ranks (oversubscription costs more than
             it gives).
         use_horovod: force Horovod on or off; default: on when installed.
+        elastic: train elastically (--elastic); it takes effect only when
+            horovodrun started this process in elastic mode (HOROVOD_ELASTIC=1).
     """
     global _world, hvd
     from utils.tf_env import import_tensorflow, quiet_native_logs
@@ -89,7 +94,13 @@ def init(threads: int = 0, use_horovod: bool | None = None) -> World:
             hvd = horovod.tensorflow
             hvd.init()
         world = World(
-            hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd.cross_size(), True
+            hvd.rank(),
+            hvd.size(),
+            hvd.local_rank(),
+            hvd.local_size(),
+            hvd.cross_size(),
+            True,
+            elastic=elastic and os.environ.get("HOROVOD_ELASTIC") == "1",
         )
     else:
         world = World()
@@ -127,7 +138,8 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 def _active() -> bool:
-    return _world.horovod and _world.size > 1
+    # Elastic: collectives stay in (and in traced steps) at size 1, since workers may come and go.
+    return _world.horovod and (_world.size > 1 or _world.elastic)
 
 
 def allreduce_gradients(grads: Sequence, compression: str = "none") -> list:
@@ -242,6 +254,139 @@ def local_chief_runs(fn: Callable[[], Any], name: str) -> list[Any]:
         if o is not None and o[0] == "error":
             raise UserError(o[1])
     return [o[1] for o in outcomes if o is not None]
+
+
+# --- elastic training ------------------------------------------------------
+#
+# Horovod 0.28.1's elastic helpers do not fit Keras 3 (see docs/elastic.md):
+# TensorFlowKerasState calls `optimizer.variables()` (a list in Keras 3),
+# TensorFlowState broadcasts in its constructor and not in TF2's sync(), and
+# hvd.elastic.run silently swallows the error of a failed grouped allreduce
+# (it only recognises messages naming HorovodAllreduce/Allgather/Broadcast),
+# returning None as if training had finished. So the state object and the
+# error mapping below are the project's own.
+
+
+def _failure(error: Exception) -> Exception:
+    """The exception hvd.elastic.run must see for a TensorFlow error inside it.
+
+    A collective that failed because a peer is gone (Gloo lost the
+    connection, Horovod shut down) becomes HorovodInternalError: restore the
+    last commit, re-form the ranks, go on. Any other UnknownError becomes a
+    RuntimeError, which Horovod's wrapper would otherwise swallow. Other
+    errors (not TensorFlow's) come back unchanged.
+    """
+    import tensorflow as tf
+    from horovod.common.exceptions import HorovodInternalError
+
+    if not isinstance(error, tf.errors.OpError):
+        return error
+    text = str(error)
+    if "horovod" in text.lower() or "gloo" in text.lower():
+        return HorovodInternalError(text)
+    if isinstance(error, tf.errors.UnknownError):
+        return RuntimeError(f"TensorFlow error: {text}")
+    return error
+
+
+def _refresh_world() -> World:
+    """Read rank and size again after Horovod re-formed the ranks (local calls only)."""
+    global _world
+    _world = dataclasses.replace(
+        _world,
+        rank=hvd.rank(),
+        size=hvd.size(),
+        local_rank=hvd.local_rank(),
+        local_size=hvd.local_size(),
+        cross_size=hvd.cross_size(),
+    )
+    return _world
+
+
+def elastic_state(shared: Sequence, local: Sequence, progress: Any) -> Any:
+    """A `horovod.common.elastic.State` for Keras 3 variables and a progress object.
+
+    - `commit()` (every N steps and at epoch ends) keeps host copies of the
+      variables and a deep copy of `progress`, then asks the driver whether
+      hosts changed (one small broadcast, which also finds a lost peer);
+    - `restore()`, after a lost peer, puts the last commit back;
+    - `sync()`, on entry and after every reset, broadcasts `shared` and
+      `progress` from the (new) rank 0.
+
+    Its constructor runs no collective: Horovod forbids collectives outside
+    `run_elastic`. `state.resets` counts the resets this process went through.
+
+    Args:
+        shared: variables every rank must hold alike: trainable weights and
+            optimizer slots (not the dropout seed state, which stays per rank).
+        local: every variable to restore after a failure (a superset of shared).
+        progress: a picklable object (the TrainState), replaced as a whole on
+            restore and sync: read it back as `state.progress` after a reset.
+    """
+    import copy
+
+    from horovod.common.elastic import State
+
+    class KerasElasticState(State):
+        def __init__(self) -> None:
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+            # Keras 3 variables wrap a tf.Variable in `.value`; Horovod and numpy need the latter.
+            self._shared = [getattr(v, "value", v) for v in shared]
+            self._local = [getattr(v, "value", v) for v in local]
+            self.progress = progress
+            self.resets = 0
+            self.save()
+
+        def save(self) -> None:
+            self._saved = [v.numpy() for v in self._local]
+            self._saved_progress = copy.deepcopy(self.progress)
+
+        def restore(self) -> None:
+            for variable, value in zip(self._local, self._saved, strict=True):
+                variable.assign(value)
+            self.progress = copy.deepcopy(self._saved_progress)
+
+        def sync(self) -> None:
+            try:
+                if self._shared:
+                    hvd.broadcast_variables(self._shared, root_rank=0)
+                self.progress = hvd.broadcast_object(
+                    self.progress, root_rank=0, name="elastic_progress"
+                )
+            except Exception as e:  # a peer lost during sync: run_fn resets on this only
+                failure = _failure(e)
+                if failure is e:
+                    raise
+                raise failure from e
+            self.save()
+
+        def reset(self) -> None:
+            # After hvd.shutdown(); hvd.init(): the ranks are re-formed. No collective here.
+            _refresh_world()
+            self.resets += 1
+
+    return KerasElasticState()
+
+
+def run_elastic(fn: Callable[[Any], Any], state: Any) -> Any:
+    """`fn(state)` under hvd.elastic.run: re-entered, from the last commit, after a lost worker.
+
+    `fn` must take rank, size, data shards and anything traced with them
+    afresh on every entry (see `world()`), and end with `state.commit()` so
+    that a peer lost after its last step is still noticed inside.
+    """
+
+    def guarded(state: Any) -> Any:
+        _refresh_world()
+        try:
+            return fn(state)
+        except Exception as e:
+            failure = _failure(e)
+            if failure is e:
+                raise
+            raise failure from e
+
+    return hvd.elastic.run(guarded)(state)
 
 
 def scaled_learning_rate(lr: float, enabled: bool = True) -> float:
