@@ -23,8 +23,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import tensorflow as tf
-
 from data.load import resume_step
 from tasks import Task
 from train import Trainer, TrainState
@@ -129,12 +127,8 @@ def fit_elastic(
             }
             if world.size != seen["size"]:
                 event["peak_lr"] = _rescale_schedule(trainer, progress, steps_per_epoch)
-                # Trace the step again: the LR schedule's constants are baked into the graph.
-                step_fn = getattr(trainer.train_step, "python_function", None)
-                if step_fn is not None:
-                    trainer.train_step = tf.function(
-                        step_fn, jit_compile=False, reduce_retracing=True
-                    )
+                # Trace the steps again: the LR schedule's constants are baked into the graph.
+                trainer.build_steps()
             resets.append(event)
             seen.update(resets=elastic.resets, size=world.size)
             distributed.print0(

@@ -146,15 +146,20 @@ class Trainer:
         self.task, self.model, self.optimizer, self.cfg = task, model, optimizer, cfg
         self.average_gradients = average_gradients
         self.optimizer.build(model.trainable_variables)
-        jit = {"jit_compile": cfg.xla, "reduce_retracing": True}
+        self.build_steps()
+
+    def build_steps(self) -> None:
+        """(Re)create the compiled functions. Called again after an elastic resize, since
+        the world size and the learning-rate schedule's constants are baked in when traced."""
+        jit = {"jit_compile": self.cfg.xla, "reduce_retracing": True}
         self._grad_fn = tf.function(self._gradients, **jit)
         self._grad_fn_accumulated = tf.function(self._accumulated_gradients, **jit)
         self._apply_fn = tf.function(self._apply_unless_nonfinite, **jit)
-        self._eval_fn = make_eval_fn(task, model, cfg.xla)
-        # Decided once, here: with several ranks the allreduce must sit between two
-        # compiled halves (Horovod ops have no XLA kernels); alone, the whole step
-        # (gradients and optimizer update) is one compiled function.
-        self.allreduce = average_gradients and distributed.world().size > 1
+        self._eval_fn = make_eval_fn(self.task, self.model, self.cfg.xla)
+        # With several ranks the allreduce must sit between two compiled halves
+        # (Horovod ops have no XLA kernels); alone, the whole step (gradients and
+        # optimizer update) is one compiled function.
+        self.allreduce = self.average_gradients and distributed.averaging()
         if self.allreduce:
             self.train_step = tf.function(
                 self._split_step, jit_compile=False, reduce_retracing=True

@@ -142,6 +142,11 @@ def _active() -> bool:
     return _world.horovod and (_world.size > 1 or _world.elastic)
 
 
+def averaging() -> bool:
+    """Whether training steps must average across ranks (several ranks, or elastic mode)."""
+    return _active()
+
+
 def allreduce_gradients(grads: Sequence, compression: str = "none") -> list:
     """Average gradients across ranks with one grouped allreduce.
 
