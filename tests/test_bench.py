@@ -30,7 +30,7 @@ def test_every_suite_runs_and_reports(tmp_path):
     assert [row["world_size"] for row in scaling["rows"]] == [1, 2, 1]
     assert scaling["rows"][1]["allreduce_skipped"] is False  # np=2 really averages
     torch = json.loads((tmp_path / "torch.json").read_text())
-    assert len(torch["rows"]) == 2, "PyTorch reference missing: pip install -e '.[bench]'"
-    assert torch["rows"][0]["parameters"] == torch["rows"][1]["parameters"]  # the same model
+    assert len(torch["rows"]) == 3, "PyTorch reference missing: pip install -e '.[bench]'"
+    assert torch["rows"][0]["parameters"] == torch["rows"][2]["parameters"]  # the same model
     throughput = json.loads((tmp_path / "throughput.json").read_text())
     assert 0 < throughput["rows"][0]["mfu"] < 1.5
