@@ -325,6 +325,24 @@ def options(r: Runner) -> dict[str, Any]:
     }
 
 
+def write_report(out: pathlib.Path) -> None:
+    """report.md from every suite's JSON in `out` (suites may be rerun one at a time)."""
+    sections = []
+    for suite in SUITES:
+        path = out / f"{suite}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        commands = dict.fromkeys(
+            row["command"] for row in result["rows"] if isinstance(row.get("command"), str)
+        )
+        sections.append(
+            f"## {suite}\n\nMachine: {json.dumps(result['machine'])}\n\n{result['table']}\n\n"
+            "Commands:\n\n" + "\n".join(f"    {c}" for c in commands)
+        )
+    (out / "report.md").write_text("\n\n".join(sections) + "\n")
+
+
 SUITE_FUNCTIONS = {
     "throughput": throughput,
     "torch": torch_vs_keras,
@@ -347,21 +365,19 @@ def main(argv: list[str] | None = None) -> int:
 
     runner = Runner(args.quick)
     info = machine()
-    report = [f"Machine: {json.dumps(info)}", f"Command: python -m bench {shlex.join(argv or [])}"]
     for suite in args.suite:
         result = SUITE_FUNCTIONS[suite](runner)
-        result.update({"suite": suite, "machine": info, "quick": args.quick})
-        (out / f"{suite}.json").write_text(json.dumps(result, indent=2) + "\n")
-        section = f"## {suite}\n\n{result['table']}\n"
-        print("\n" + section, flush=True)
-        report.append(section)
-    report.append(
-        "Commands:\n\n"
-        + "\n".join(
-            f"    {cmd}" for cmd in dict.fromkeys(r["command"] for r in runner.cache.values())
+        result.update(
+            {
+                "suite": suite,
+                "machine": info,
+                "quick": args.quick,
+                "command": shlex.join(argv or []),
+            }
         )
-    )
-    (out / "report.md").write_text("\n\n".join(report) + "\n")
+        (out / f"{suite}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\n## {suite}\n\n{result['table']}\n", flush=True)
+    write_report(out)
     return 0
 
 

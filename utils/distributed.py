@@ -92,7 +92,9 @@ def init(threads: int = 0, use_horovod: bool | None = None, elastic: bool = Fals
             import horovod.tensorflow
 
             hvd = horovod.tensorflow
-            hvd.init()
+        # Not inside quiet_native_logs: when init aborts the process (a Gloo
+        # connection refused, say), its message must reach the terminal.
+        hvd.init()
         world = World(
             hvd.rank(),
             hvd.size(),
