@@ -88,6 +88,11 @@ def init(threads: int = 0, use_horovod: bool | None = None, elastic: bool = Fals
     tf = import_tensorflow()
     use_horovod = horovod_available() if use_horovod is None else use_horovod
     if use_horovod:
+        if os.environ.get("HOROVOD_SIZE") == "1" and not elastic:
+            # One rank never calls a collective here (they are all skipped at size 1),
+            # but Horovod's background thread still wakes every cycle (1 ms by default)
+            # and steals time from TensorFlow's threads: let it sleep.
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", "100")
         with quiet_native_logs():
             import horovod.tensorflow
 
