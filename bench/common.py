@@ -123,3 +123,24 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def endless_batches(shards):
+    """An iterator over a Shards' training batches, epoch after epoch."""
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from shards.train_dataset(epoch, seed=0)
+            epoch += 1
+
+    return iter(batches())
+
+
+def emit(result: dict[str, Any], out: str) -> None:
+    """Print `result` as one JSON line, and write it to `out` (when given)."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(line + "\n")

@@ -10,7 +10,6 @@ reports the median rate of repeated blocks after warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from bench.step import model_and_data
@@ -35,19 +34,13 @@ def main(argv: list[str] | None = None) -> dict:
     from utils import distributed
 
     world = distributed.init(threads=args.threads, use_horovod=False)
-    from bench.common import median_time
+    from bench.common import emit, endless_batches, median_time
     from data.load import Windows
 
     model_cfg, batch, tokens, _ = model_and_data(args.model, args.batch)
     shards = Windows(tokens, model_cfg.seq_len, batch)
 
-    def batches():
-        epoch = 0
-        while True:
-            yield from shards.train_dataset(epoch, seed=0)
-            epoch += 1
-
-    stream = iter(batches())
+    stream = endless_batches(shards)
 
     def step():
         x, _, _ = next(stream)
@@ -62,11 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_batch": seconds * 1e3,
         "tokens_per_sec": batch * model_cfg.seq_len / seconds,
     }
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -12,7 +12,6 @@ threads, for MFU. Prints one JSON line; writes it to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,8 @@ from bench.common import (
     REFERENCE,
     REFERENCE_BATCH,
     char_tokens,
+    emit,
+    endless_batches,
     flops_per_token,
     matmul_peak,
     median_time,
@@ -99,13 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     # One step reads `accumulate` micro-batches of `batch` rows (train.py splits them).
     shards = Windows(tokens, model_cfg.seq_len, batch * args.accumulate, world.rank, world.size)
 
-    def batches():
-        epoch = 0
-        while True:
-            yield from shards.train_dataset(epoch, seed=0)
-            epoch += 1
-
-    stream = iter(batches())
+    stream = endless_batches(shards)
 
     def step():
         x, y, w = next(stream)
@@ -149,11 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             {"matmul_peak_gflops": peak, "model_gflops_per_rank": per_rank, "mfu": per_rank / peak}
         )
     if world.is_chief:
-        line = json.dumps(result)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(line + "\n")
+        emit(result, args.out)
     return result
 
 

@@ -13,7 +13,6 @@ embedding). Needs `pip install torch==2.13.0` (the `bench` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -22,6 +21,7 @@ from bench.common import (
     REFERENCE,
     REFERENCE_BATCH,
     char_tokens,
+    emit,
     flops_per_token,
     median_time,
 )
@@ -148,11 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_sec": args.batch * block / seconds,
         "flops_per_token": flops_per_token(params, shape["n_layers"], shape["d_model"], block),
     }
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+    emit(result, args.out)
     return result
 
 

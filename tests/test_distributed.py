@@ -31,6 +31,19 @@ def world():
     return distributed.init()
 
 
+# Plain SGD: the update is lr x gradient, so weights compare like gradients.
+PLAIN_SGD = TrainConfig(
+    optimizer="sgd",
+    momentum=0.0,
+    lr=0.5,
+    schedule="constant",
+    warmup_steps=0,
+    clip_norm=0.0,
+    weight_decay=0.0,
+    xla=False,
+)
+
+
 def _need_two(world):
     if world.size < 2:
         pytest.skip("needs 2 ranks: runs under horovodrun -np 2 in test_multiprocess.py")
@@ -82,16 +95,7 @@ def test_without_averaging_ranks_diverge(world):
 
 def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world):
     """Rank r fed rows [rB, (r+1)B) of a 2B batch gives the weights of one process fed all 2B."""
-    cfg = TrainConfig(
-        optimizer="sgd",
-        momentum=0.0,
-        lr=0.5,
-        schedule="constant",
-        warmup_steps=0,
-        clip_norm=0.0,
-        weight_decay=0.0,
-        xla=False,
-    )
+    cfg = PLAIN_SGD
     model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
     keras.utils.set_random_seed(7)
     reference = Trainer(
@@ -132,16 +136,7 @@ def test_fp16_compression_keeps_ranks_identical_and_close_to_uncompressed(world)
     """Gradients sent as float16: every rank applies the same (rounded) average, and
     the weights stay within FP16_TOLERANCE of the uncompressed run's."""
     _need_two(world)
-    cfg = TrainConfig(
-        optimizer="sgd",
-        momentum=0.0,
-        lr=0.5,
-        schedule="constant",
-        warmup_steps=0,
-        clip_norm=0.0,
-        weight_decay=0.0,
-        xla=False,
-    )
+    cfg = PLAIN_SGD
     model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
     keras.utils.set_random_seed(11)
     trainers = {}
