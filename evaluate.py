@@ -31,6 +31,34 @@ import numpy as np
 
 from utils.errors import UserError
 
+
+def make_eval_fn(task, model, xla: bool):
+    """A compiled (inputs, targets, weights) -> sums function (no Horovod op, so XLA is allowed)."""
+    import tensorflow as tf
+
+    return tf.function(
+        lambda x, y, w: task.stats(model, x, y, w, training=False),
+        jit_compile=xla,
+        reduce_retracing=True,
+    )
+
+
+def evaluate_totals(task, eval_fn, shards, max_batches: int = 0) -> dict[str, Any]:
+    """The task's sums (losses, counts, confusion...) over a split, over batches and ranks."""
+    from utils import distributed
+    from utils.metrics import Sums
+
+    sums = Sums()
+    for x, y, w in task.transform(shards.eval_dataset(max_batches), training=False):
+        sums.add({k: v.numpy() for k, v in eval_fn(x, y, w).items()})
+    return distributed.allreduce_sums(sums.values)
+
+
+def evaluate_shards(task, eval_fn, shards, max_batches: int = 0) -> dict[str, float]:
+    """Exact metrics over a split: sums over batches and ranks, then divided."""
+    return task.metrics(evaluate_totals(task, eval_fn, shards, max_batches))
+
+
 PROMPT_TOKENS = 32  # held-out prompt length for BLEU/ROUGE-L
 CONTINUATION_TOKENS = 16  # generated and reference continuation length
 NUM_PROMPTS = 64
@@ -118,8 +146,6 @@ def continuation_scores(
 
 def classification_report(task, model, shards, xla: bool = True) -> dict[str, Any]:
     """Accuracy, per-class and averaged precision/recall/F1 and the confusion matrix, exact across ranks."""
-    from train import evaluate_totals, make_eval_fn
-
     totals = evaluate_totals(task, make_eval_fn(task, model, xla), shards)
     return {**task.metrics(totals), **from_confusion(np.asarray(totals["confusion"]), task.labels)}
 
@@ -168,7 +194,6 @@ def tfidf_baseline(
 
 def evaluate_split(task, model, tokenizer, split: str) -> dict[str, Any]:
     """Every metric for `split`, keys prefixed with the split (rank 0 also computes the extras)."""
-    from train import evaluate_shards, make_eval_fn
     from utils import distributed
 
     shards = task.shards(split)

@@ -73,7 +73,7 @@ def load_run(path: str | pathlib.Path) -> Run:
 
     tokenizer = load_tokenizer(rd.tokenizer)
     try:
-        model = keras.saving.load_model(rd.model)
+        model = keras.saving.load_model(rd.model, compile=False)  # for inference
     except Exception as e:  # a damaged or foreign file: say which
         raise UserError(
             f"{rd.model}: cannot be loaded as a Keras model ({type(e).__name__}: {e})"

@@ -6,13 +6,19 @@ A task ties the data, the model and the loss together for the training loop
 - `prepare()`: the prepared data (a token stream, or labelled documents);
 - `shards(split)`: this rank's samples of a split (data/load.py);
 - `transform(dataset)`: per-batch preprocessing inside tf.data (MLM masking);
-- `build_model()`: a Keras model;
+- `build_model()`: a Keras model, and `compile_args()`: its loss and metrics
+  for `model.compile`; `fit_dataset(dataset)`: batches as `model.fit` takes them;
 - `stats(model, inputs, targets, weights)`: summed loss and counts of a batch,
-  so that averages stay exact over batches and ranks;
+  so that averages stay exact over batches and ranks (evaluate.py);
 - `metrics(totals)`: the figures those sums give (loss, accuracy, ...).
 
-Every batch is (inputs, targets, weights): weights are 0 for rows that only
-pad a batch, and mark which targets count.
+Every batch of data/load.py is (inputs, targets, weights): weights are 0 for
+rows that only pad a batch, and mark which targets count.
+
+Training losses are Keras's own, with its default reduction (the sum over
+the batch divided by its number of targets, padding included): the gradient
+of k batches of B rows then averages exactly to the gradient of one batch of
+k x B, so accumulation and data parallelism are exact.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from keras import ops
 from data.load import Documents, Shards, Windows
 from data.prepare import BOS_ID, PAD_ID, Prepared
 from models.losses import token_stats
+from models.metrics import SparseF1Score
 from utils import distributed
 from utils.config import Config
 from utils.errors import UserError
@@ -78,6 +85,27 @@ class Task:
 
     def transform(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
         return dataset
+
+    def fit_dataset(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
+        """(inputs, targets[, sample weights]) batches for `model.fit`/`evaluate`."""
+        return self.transform(dataset, training).map(
+            lambda x, y, w: (model_inputs(x), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+
+    def compile_args(self) -> dict[str, Any]:
+        """Loss and metrics for `model.compile`: token cross-entropy and accuracy."""
+        return {
+            "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        }
+
+    def epoch_figures(self, logs: dict[str, float]) -> dict[str, float]:
+        """Figures derived from an epoch's logs: perplexity = exp(mean cross-entropy per token)."""
+        return {
+            f"{prefix}perplexity": math.exp(min(logs[f"{prefix}loss"], 700.0))
+            for prefix in ("", "val_")
+            if f"{prefix}loss" in logs
+        }
 
     def check_sizes(self) -> None:
         """UserError when a split is too small for seq_len and the global batch."""
@@ -155,6 +183,28 @@ class MaskedLM(Task):
 
         return dataset.map(mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def fit_dataset(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
+        def features(inputs, targets, weights):
+            x = {**model_inputs(inputs["token_ids"]), "mask_positions": inputs["mask_positions"]}
+            return x, targets, weights
+
+        return self.transform(dataset, training).map(features, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def compile_args(self) -> dict[str, Any]:
+        """Cross-entropy on the masked positions; accuracy and perplexity over them only."""
+        import keras_hub
+
+        return {
+            "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "weighted_metrics": [
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                keras_hub.metrics.Perplexity(from_logits=True, name="perplexity"),
+            ],
+        }
+
+    def epoch_figures(self, logs: dict[str, float]) -> dict[str, float]:
+        return {}  # perplexity is a metric (the loss is over every mask slot, padding included)
+
     def build_model(self) -> keras.Model:
         from models.encoder import build_backbone, build_masked_lm
 
@@ -199,6 +249,28 @@ class Classify(Task):
 
     def check_sizes(self) -> None:
         self._check_train_batches("documents")
+
+    def fit_dataset(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
+        """Rows weighted by their class's weight (train.class_weights) in the loss."""
+        class_weights = tf.constant(self.class_weights())
+
+        def weighted(x, y, w):
+            return model_inputs(x), y, tf.gather(class_weights, y) * w
+
+        return self.transform(dataset, training).map(weighted, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def compile_args(self) -> dict[str, Any]:
+        """Class-weighted cross-entropy; accuracy and macro-F1 count every document once."""
+        return {
+            "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "metrics": [
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                SparseF1Score(len(self.labels), average="macro", name="macro_f1"),
+            ],
+        }
+
+    def epoch_figures(self, logs: dict[str, float]) -> dict[str, float]:
+        return {}
 
     def build_model(self) -> keras.Model:
         from models.encoder import build_backbone, build_classifier

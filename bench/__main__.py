@@ -6,11 +6,14 @@
 
 Each measurement runs in a fresh process (threads are fixed at start-up,
 horovodrun launches its own), is printed as it finishes, and lands in
-`<out>/<suite>.json` with the exact command; `<out>/report.md` gathers the
-tables. Suites:
+`<out>/<suite>.json` with the exact command and the machine (CPU model
+and SIMD flags); `<out>/report.md` gathers the tables. Results are kept per
+CPU kind (bench/results/avx2, avx512-bf16, ...): the verdicts differ between them. Suites:
 
 - throughput: ms/step and tokens/s of the reference config and the presets,
   one process on all cores, after warm-up, median of repeated blocks; MFU;
+- keras: the project's train function against a stock Keras
+  `model.fit(jit_compile=True)` of the same model (bench/keras_fit.py);
 - torch: the same reference config in PyTorch (nanoGPT's model and loop);
 - overhead: horovodrun -np 1 against one process without Horovod;
 - scaling: np=2 x 1 thread against np=1 x 1 thread, and against one
@@ -35,7 +38,7 @@ from typing import Any
 
 from bench.common import RESULTS, table
 
-SUITES = ("throughput", "torch", "overhead", "scaling", "pipeline", "options")
+SUITES = ("throughput", "keras", "torch", "overhead", "scaling", "pipeline", "options")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(sys.executable).parent
 
@@ -141,6 +144,26 @@ def throughput(r: Runner) -> dict[str, Any]:
                 "mfu",
             ],
         ),
+    }
+
+
+def stock_keras(r: Runner) -> dict[str, Any]:
+    project = r.run("bench.step", ["--model", "reference", "--no-horovod"])
+    stock = r.run("bench.keras_fit", ["--model", "reference"])
+    rows = [
+        {**project, "stack": "this project: model.fit's train function, DistributedOptimizer"},
+        {**stock, "stack": stock["stack"]},
+    ]
+    ratio = project["tokens_per_sec"] / stock["tokens_per_sec"]
+    return {
+        "rows": rows,
+        "project_over_stock": ratio,
+        "target": 0.95,
+        "met": ratio >= 0.95,
+        "table": table(
+            rows, ["stack", "threads_per_rank", "parameters", "ms_per_step", "tokens_per_sec"]
+        )
+        + f"\n\nProject / stock Keras tokens/s: **{ratio:.2f}x** (target >= 0.95x: no slower within 5%)",
     }
 
 
@@ -345,6 +368,7 @@ def write_report(out: pathlib.Path) -> None:
 
 SUITE_FUNCTIONS = {
     "throughput": throughput,
+    "keras": stock_keras,
     "torch": torch_vs_keras,
     "overhead": overhead,
     "scaling": scaling,
@@ -357,9 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", nargs="+", choices=SUITES, default=list(SUITES))
     p.add_argument("--quick", action="store_true", help="few steps: checks the code, not speed")
-    p.add_argument("--out", default=str(RESULTS), help="where the JSON and report.md go")
+    p.add_argument(
+        "--out",
+        default="",
+        help="where the JSON and report.md go (default: bench/results/<CPU kind>)",
+    )
     args = p.parse_args(argv)
-    out = pathlib.Path(args.out)
+    from bench.common import cpu
+
+    out = pathlib.Path(args.out or RESULTS / cpu()["cpu_kind"])
     out.mkdir(parents=True, exist_ok=True)
     from bench.common import machine
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"  # one folder per CPU kind
 
 # The reference configuration (the issue's, and nanoGPT's shakespeare-char shape):
 # GPT 4 layers, 4 heads, width 128, FFN 512, block 64, batch 12 per rank,
@@ -86,30 +86,47 @@ def median_time(
     return statistics.median(blocks), blocks
 
 
+# The CPU features that change which kernels TensorFlow, XLA and PyTorch use.
+KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU's model name and its key SIMD flags (as `lscpu` shows them), and a kind for
+    filing results: amx, avx512-bf16, avx512, avx2 or other."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    present = [f for f in KEY_FLAGS if f in flags]
+    if "amx_bf16" in flags:
+        kind = "amx"
+    elif "avx512_bf16" in flags:
+        kind = "avx512-bf16"
+    elif "avx512f" in flags:
+        kind = "avx512"
+    elif "avx2" in flags:
+        kind = "avx2"
+    else:
+        kind = "other"
+    return {"cpu": model, "cpu_flags": present, "cpu_kind": kind}
+
+
 def machine() -> dict[str, Any]:
     import tensorflow as tf
 
-    info = {
+    return {
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
+        **cpu(),
     }
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
-
-
-def save(name: str, result: dict[str, Any]) -> pathlib.Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -3,9 +3,11 @@
     python -m bench.step --model reference --out result.json
     horovodrun -np 2 python -m bench.step --model reference --threads 1 --out result.json
 
-The step is the real one (train.Trainer.train_step) fed by the real input
-pipeline (data/load.py), after warm-up; the result is the median of
-repeated blocks. Rank 0 also measures the float32 matmul peak on the same
+The step is the real one: the train function that `model.fit` runs in
+main.py (the model compiled by train.compile_model, with the
+DistributedOptimizer), called on the real input pipeline (data/load.py and
+the task's fit_dataset) as fit calls it, after warm-up; the result is the
+median of repeated blocks. Rank 0 also measures the float32 matmul peak on the same
 threads, for MFU. Prints one JSON line; writes it to --out.
 """
 
@@ -21,7 +23,6 @@ from bench.common import (
     REFERENCE_BATCH,
     char_tokens,
     emit,
-    endless_batches,
     flops_per_token,
     matmul_peak,
     median_time,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     from data.load import Windows
     from models.transformer import count_params
     from tasks import Task
-    from train import Trainer, build_optimizer
+    from train import compile_model
     from utils.config import Config, TrainConfig
 
     if args.precision != "float32":
@@ -95,17 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
     task.prepared = type("Prepared", (), {"vocab_size": vocab})()
     keras.utils.set_random_seed(world.rank)
     model = task.build_model()
-    trainer = Trainer(task, model, build_optimizer(train_cfg, 1e-3, 10_000), train_cfg)
-    trainer.broadcast_state()
-    # One step reads `accumulate` micro-batches of `batch` rows (train.py splits them).
+    compile_model(task, model, train_cfg, 1e-3, 10_000)
+    distributed.broadcast_model(model)
+    # One update reads `accumulate` batches of `batch` rows; the stream splits them.
     shards = Windows(tokens, model_cfg.seq_len, batch * args.accumulate, world.rank, world.size)
-
-    stream = endless_batches(shards)
+    stream = shards.train_stream(0, 0, 0, 1_000_000, micro_batches=args.accumulate)
+    iterator = iter(task.fit_dataset(stream, training=True))
+    model.make_train_function()
 
     def step():
-        x, y, w = next(stream)
-        stats = trainer.train_step(x, y, w)
-        stats["count"].numpy()  # wait for the step to finish
+        for _ in range(args.accumulate):
+            logs = model.train_function(iterator)
+        float(logs["loss"])  # wait for the step to finish
 
     seconds, blocks = median_time(step, args.warmup, args.steps, args.repeats)
     tokens_per_step = batch * args.accumulate * model_cfg.seq_len * world.size

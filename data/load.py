@@ -75,18 +75,19 @@ class Shards:
         order = self.epoch_order(epoch, seed)[: steps * self.global_batch]
         return order.reshape(steps, self.world, self.batch_size)[:, self.rank, :]
 
+    def _load(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(inputs, targets) for a batch of sample indices, inside tf.data."""
+        x_shape, y_shape = self.shapes()
+        x, y = tf.numpy_function(self.gather, [indices], (tf.int32, tf.int32), stateful=False)
+        rows = indices.shape[0]
+        x.set_shape((rows, *x_shape))
+        y.set_shape((rows, *y_shape))
+        return x, y
+
     def _dataset(self, indices: np.ndarray, weights: np.ndarray) -> tf.data.Dataset:
         """Batches (inputs, targets, row weights) for `indices` of shape [batches, batch_size]."""
-        x_shape, y_shape = self.shapes()
-
-        def load(idx, w):
-            x, y = tf.numpy_function(self.gather, [idx], (tf.int32, tf.int32), stateful=False)
-            x.set_shape((self.batch_size, *x_shape))
-            y.set_shape((self.batch_size, *y_shape))
-            return x, y, w
-
         ds = tf.data.Dataset.from_tensor_slices((indices, weights))
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda i, w: (*self._load(i), w), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def train_dataset(
@@ -102,6 +103,48 @@ class Shards:
         """
         indices = self.rank_indices(epoch, seed, steps)[start_step:]
         return self._dataset(indices, np.ones(indices.shape, np.float32))
+
+    def train_stream(
+        self,
+        seed: int,
+        epoch: int,
+        start_step: int,
+        end_epoch: int,
+        steps: int | None = None,
+        micro_batches: int = 1,
+        max_steps: int | None = None,
+    ) -> tf.data.Dataset:
+        """This rank's batches from `start_step` of `epoch` to the end of epoch `end_epoch - 1`.
+
+        One dataset for a whole `model.fit` (epochs after each other, each in
+        its own seeded order), so that a run resumed mid-epoch goes on from
+        the exact sample.
+
+        Args:
+            seed: the run's seed.
+            epoch, start_step: where to start.
+            end_epoch: the epoch to stop before.
+            steps: steps per epoch (default: steps_per_epoch).
+            micro_batches: split each step's rows into this many batches
+                (gradient accumulation: one update per `micro_batches` batches).
+            max_steps: stop after this many steps in all.
+        """
+        rows = self.batch_size // micro_batches
+
+        def indices(e: np.int64) -> np.ndarray:
+            ix = self.rank_indices(int(e), seed, steps)[start_step if e == epoch else 0 :]
+            return ix.reshape(-1, rows).astype(np.int64)
+
+        def epoch_batches(e: tf.Tensor) -> tf.data.Dataset:
+            ix = tf.numpy_function(indices, [e], tf.int64, stateful=False)
+            return tf.data.Dataset.from_tensor_slices(tf.reshape(ix, (-1, rows)))
+
+        ds = tf.data.Dataset.range(epoch, end_epoch).flat_map(epoch_batches)
+        if max_steps is not None:
+            ds = ds.take(max_steps * micro_batches)
+        ones = tf.ones((rows,), tf.float32)
+        ds = ds.map(lambda i: (*self._load(i), ones), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     def eval_indices(self, max_batches: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """This rank's contiguous block of samples as [batches, batch_size], and row weights."""
@@ -119,6 +162,19 @@ class Shards:
     def eval_dataset(self, max_batches: int = 0) -> tf.data.Dataset:
         """This rank's share of every sample once, in order, as padded batches."""
         return self._dataset(*self.eval_indices(max_batches))
+
+    def validation_dataset(self, max_batches: int = 0) -> tf.data.Dataset:
+        """This rank's share of every sample once, in order; the last batch may be short.
+
+        For `model.fit(validation_data=...)`: no padding rows, so Keras's
+        loss (a mean weighted by batch size) is exact. Ranks may run
+        different numbers of batches: validation runs no collective per batch.
+        """
+        indices, weights = self.eval_indices(max_batches)
+        mine = indices.ravel()[weights.ravel() > 0]
+        ds = tf.data.Dataset.from_tensor_slices(mine).batch(self.batch_size)
+        ds = ds.map(lambda i: (*self._load(i), tf.ones(tf.shape(i), tf.float32)))
+        return ds.prefetch(tf.data.AUTOTUNE)
 
 
 class Windows(Shards):

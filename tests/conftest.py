@@ -132,3 +132,14 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     result = run_cli("--preset", "tiny", "--train.epochs=2", "--run-dir", str(run_dir), cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+class InMemoryData:
+    """What a task reads of data/prepare.Prepared, for token splits held in memory."""
+
+    def __init__(self, vocab_size: int, **splits):
+        self.vocab_size, self.splits = vocab_size, splits
+        self.meta = {"labels": [], "class_weights": []}
+
+    def tokens(self, split: str):
+        return self.splits[split]

@@ -1,16 +1,24 @@
 """The benchmark suite runs end to end (few steps: this checks the code, not the speed)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import CHILD_ENV, PYTHON, ROOT, requires_horovod
 
+pytestmark = [requires_horovod, pytest.mark.slow]
 
-@requires_horovod
-def test_every_suite_runs_and_reports(tmp_path):
+SUITES = ("throughput", "keras", "torch", "overhead", "scaling", "pipeline", "options")
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
     result = subprocess.run(
-        [PYTHON, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        [PYTHON, "-m", "bench", "--quick", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -18,19 +26,34 @@ def test_every_suite_runs_and_reports(tmp_path):
         env={**os.environ, **CHILD_ENV},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = (tmp_path / "report.md").read_text()
-    for suite in ("throughput", "torch", "overhead", "scaling", "pipeline", "options"):
-        data = json.loads((tmp_path / f"{suite}.json").read_text())
+    return out
+
+
+def test_every_suite_runs_and_reports(quick_bench):
+    report = (quick_bench / "report.md").read_text()
+    for suite in SUITES:
+        data = json.loads((quick_bench / f"{suite}.json").read_text())
         assert data["rows"], suite
         assert f"## {suite}" in report
+        assert data["machine"]["cpu_kind"] in report  # every figure with its CPU
         for row in data["rows"]:
             rates = [v for k, v in row.items() if k.endswith("tokens_per_sec")]
             assert rates and all(v > 0 for v in rates), row
-    scaling = json.loads((tmp_path / "scaling.json").read_text())
+    scaling = json.loads((quick_bench / "scaling.json").read_text())
     assert [row["world_size"] for row in scaling["rows"]] == [1, 2, 1]
     assert scaling["rows"][1]["allreduce_skipped"] is False  # np=2 really averages
-    torch = json.loads((tmp_path / "torch.json").read_text())
-    assert len(torch["rows"]) == 3, "PyTorch reference missing: pip install -e '.[bench]'"
-    assert torch["rows"][0]["parameters"] == torch["rows"][2]["parameters"]  # the same model
-    throughput = json.loads((tmp_path / "throughput.json").read_text())
+    keras_rows = json.loads((quick_bench / "keras.json").read_text())["rows"]
+    assert keras_rows[0]["parameters"] == keras_rows[1]["parameters"]  # the same model
+    throughput = json.loads((quick_bench / "throughput.json").read_text())
     assert 0 < throughput["rows"][0]["mfu"] < 1.5
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="PyTorch is not installed: the PyTorch rows need the bench extra "
+    "(EXTRAS=dev,horovod,bench bash scripts/setup.sh)",
+)
+def test_the_pytorch_reference_is_the_same_model(quick_bench):
+    torch = json.loads((quick_bench / "torch.json").read_text())
+    assert len(torch["rows"]) == 3
+    assert torch["rows"][0]["parameters"] == torch["rows"][2]["parameters"]

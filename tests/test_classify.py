@@ -189,6 +189,7 @@ def pretrained_and_finetuned(tmp_path_factory):
     return work, cls.stdout
 
 
+@pytest.mark.slow
 def test_init_from_copies_the_encoder_and_trains_a_new_head(pretrained_and_finetuned, tmp_path):
     from inference import load_run
 
@@ -217,6 +218,7 @@ def test_init_from_copies_the_encoder_and_trains_a_new_head(pretrained_and_finet
     ).read_bytes()
 
 
+@pytest.mark.slow
 def test_classification_report_and_baseline_on_the_same_split(pretrained_and_finetuned):
     work, stdout = pretrained_and_finetuned
     metrics = json.loads((work / "cls" / "metrics.json").read_text())
@@ -235,6 +237,7 @@ def test_classification_report_and_baseline_on_the_same_split(pretrained_and_fin
     assert (work / "cls" / "confusion_test.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_predict_output(pretrained_and_finetuned):
     work, _ = pretrained_and_finetuned
     result = run_cli(
@@ -270,6 +273,7 @@ def test_predict_output(pretrained_and_finetuned):
     assert bad.returncode == 2 and "predict needs a --task classify run" in bad.stderr
 
 
+@pytest.mark.slow
 def test_evaluating_on_data_with_other_labels_is_an_error(pretrained_and_finetuned):
     work, _ = pretrained_and_finetuned
     other = write_labeled(

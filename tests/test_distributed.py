@@ -1,20 +1,23 @@
-"""The Horovod integration (utils/distributed.py + the train step), proven across ranks.
+"""The project's training on Horovod (compile_model's DistributedOptimizer), proven across ranks.
 
 Marked `multiprocess`: test_multiprocess.py runs this file under
 `horovodrun -np 2` (one launch for the whole group); in the ordinary test
 session it runs as one process, where the checks that need two ranks skip.
 Every rank runs the same collectives in the same order; each test gathers
-what it compares, so all ranks reach the same verdict.
+what it compares, so all ranks reach the same verdict. Steps run through
+the train function that model.fit calls.
 """
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from data.load import Windows
+from evaluate import evaluate_shards, make_eval_fn
 from models.transformer import build_causal_lm
-from tasks import Task
-from train import Trainer, build_optimizer, evaluate_shards, make_eval_fn
+from tasks import Task, model_inputs
+from train import build_optimizer, compile_model
 from utils import distributed
 from utils.config import Config, ModelConfig, TrainConfig
 from utils.metrics import Sums, lm_metrics
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.multiprocess
 
 VOCAB = 24
 MODEL = ModelConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32, seq_len=8, dropout=0.1)
-LM = Task(Config())  # the causal-LM loss (the task's data is not used here)
+LM = Task(Config())  # the causal-LM loss and metrics (the task's data is not used here)
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +57,42 @@ def _batch(rng, rows, seq_len=8):
     return x, np.roll(x, -1, axis=1), np.ones((rows,), "float32")
 
 
-def _state(trainer):
+def _step(model, x, y, w=None, task=LM):
+    """One call of the train function model.fit runs, on the task's form of (x, y, w)."""
+    w = np.ones(len(x), "float32") if w is None else w
+    batch = next(iter(task.fit_dataset(tf.data.Dataset.from_tensors((x, y, w)), training=True)))
+    model.make_train_function()
+    return model.train_function(iter(tf.data.Dataset.from_tensors(batch)))
+
+
+def _compiled(cfg, lr, model_cfg=MODEL, averaged=True, task=LM):
+    """A model compiled as train.py compiles it; or, with averaged=False, with the plain optimizer."""
+    model = build_causal_lm(model_cfg, VOCAB) if task is LM else task.build_model()
+    if averaged:
+        compile_model(task, model, cfg, lr, 100)
+    else:
+        model.compile(
+            optimizer=build_optimizer(cfg, lr, 100), jit_compile=cfg.xla, **task.compile_args()
+        )
+        model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _state(model):
     return [
-        np.asarray(v.numpy())
-        for v in trainer.model.trainable_variables + list(trainer.optimizer.variables)
+        np.asarray(v.numpy()) for v in model.trainable_variables + list(model.optimizer.variables)
     ]
 
 
 def _train(world, average: bool, steps: int = 4):
     keras.utils.set_random_seed(1000 + world.rank)  # a different initialisation on every rank
-    model = build_causal_lm(MODEL, VOCAB)
+    model = _compiled(TrainConfig(xla=False, warmup_steps=0, lr=1e-2), 1e-2, averaged=average)
     initial = np.asarray(model.trainable_variables[0].numpy())
-    cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2)
-    trainer = Trainer(LM, model, build_optimizer(cfg, 1e-2, 100), cfg, average_gradients=average)
-    trainer.broadcast_state()
+    distributed.broadcast_model(model)
     rng = np.random.default_rng(world.rank)  # every rank its own data
     for _ in range(steps):
-        trainer.train_step(*_batch(rng, 4))
-    return initial, _state(trainer)
+        _step(model, *_batch(rng, 4))
+    return initial, _state(model)
 
 
 def test_ranks_start_apart_and_end_identical(world):
@@ -86,7 +107,7 @@ def test_ranks_start_apart_and_end_identical(world):
 
 
 def test_without_averaging_ranks_diverge(world):
-    """Negative control: the same run with the allreduce switched off."""
+    """Negative control: the same run with the plain optimizer (no DistributedOptimizer)."""
     _need_two(world)
     _, final = _train(world, average=False)
     finals = distributed.allgather_object(final, name="final_no_avg")
@@ -98,33 +119,22 @@ def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world):
     cfg = PLAIN_SGD
     model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
     keras.utils.set_random_seed(7)
-    reference = Trainer(
-        LM,
-        build_causal_lm(model_cfg, VOCAB),
-        build_optimizer(cfg, cfg.lr, 100),
-        cfg,
-        average_gradients=False,
-    )
-    distributed.broadcast_variables(reference.model.trainable_variables)
-    replica = Trainer(LM, build_causal_lm(model_cfg, VOCAB), build_optimizer(cfg, cfg.lr, 100), cfg)
-    for src, dst in zip(
-        reference.model.trainable_variables, replica.model.trainable_variables, strict=True
-    ):
-        dst.assign(src)
+    reference = _compiled(cfg, cfg.lr, model_cfg, averaged=False)  # no allreduce
+    distributed.broadcast_variables(reference.trainable_variables)
+    replica = _compiled(cfg, cfg.lr, model_cfg)
+    replica.set_weights(reference.get_weights())
     rng = np.random.default_rng(3)
     total_rows = 8
     rows = total_rows // world.size
     for _ in range(3):
         x, y, w = _batch(rng, total_rows)
-        reference.train_step(x, y, w)  # one process, the whole batch, no allreduce
+        _step(reference, x, y, w)  # one process, the whole batch
         mine = slice(world.rank * rows, (world.rank + 1) * rows)
-        replica.train_step(x[mine], y[mine], w[mine])  # this rank's rows, gradients averaged
-    for a, b in zip(
-        reference.model.trainable_variables, replica.model.trainable_variables, strict=True
-    ):
+        _step(replica, x[mine], y[mine], w[mine])  # this rank's rows, gradients averaged
+    for a, b in zip(reference.trainable_variables, replica.trainable_variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
     assert not np.allclose(
-        reference.model.trainable_variables[0].numpy(),
+        reference.trainable_variables[0].numpy(),
         build_causal_lm(model_cfg, VOCAB).trainable_variables[0].numpy(),
     )
 
@@ -139,26 +149,20 @@ def test_fp16_compression_keeps_ranks_identical_and_close_to_uncompressed(world)
     cfg = PLAIN_SGD
     model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
     keras.utils.set_random_seed(11)
-    trainers = {}
+    models = {}
     for compression in ("none", "fp16"):
         run_cfg = TrainConfig(**{**cfg.__dict__, "compression": compression})
-        model = build_causal_lm(model_cfg, VOCAB)
-        trainers[compression] = Trainer(LM, model, build_optimizer(run_cfg, cfg.lr, 100), run_cfg)
-        trainers[compression].broadcast_state()
-    initial = [v.numpy() for v in trainers["none"].model.trainable_variables]
-    for src, dst in zip(
-        trainers["none"].model.trainable_variables,
-        trainers["fp16"].model.trainable_variables,
-        strict=True,
-    ):
-        dst.assign(src)
+        models[compression] = _compiled(run_cfg, cfg.lr, model_cfg)
+    distributed.broadcast_model(models["none"])
+    models["fp16"].set_weights(models["none"].get_weights())
+    initial = [v.numpy() for v in models["none"].trainable_variables]
     rng = np.random.default_rng(world.rank)
     for _ in range(3):
         batch = _batch(rng, 4)
-        for trainer in trainers.values():
-            trainer.train_step(*batch)
-    plain = [v.numpy() for v in trainers["none"].model.trainable_variables]
-    packed = [v.numpy() for v in trainers["fp16"].model.trainable_variables]
+        for model in models.values():
+            _step(model, *batch)
+    plain = [v.numpy() for v in models["none"].trainable_variables]
+    packed = [v.numpy() for v in models["fp16"].trainable_variables]
     every_rank = distributed.allgather_object(packed, name="fp16_weights")
     for a, b in zip(every_rank[0], every_rank[1], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -212,21 +216,24 @@ def test_classifier_fine_tuning_keeps_ranks_identical(world):
     """The encoder + classification head, trained with class weights on each rank's documents."""
     _need_two(world)
     from data.load import Documents
-    from models.encoder import build_backbone, build_classifier
     from tasks import Classify
 
-    task = Classify(Config(task="classify"))
+    task = Classify(Config(task="classify", model=MODEL))
     task.prepared = type(
-        "P", (), {"meta": {"labels": ["a", "b", "c"], "class_weights": [0.7, 1.0, 1.6]}}
+        "P",
+        (),
+        {
+            "vocab_size": VOCAB,
+            "meta": {"labels": ["a", "b", "c"], "class_weights": [0.7, 1.0, 1.6]},
+        },
     )()
     keras.utils.set_random_seed(50 + world.rank)
-    model = build_classifier(build_backbone(MODEL, VOCAB), 3)
+    cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2, batch_size=4)
+    model = _compiled(cfg, 1e-2, task=task)
     before = distributed.allgather_object(
         np.asarray(model.trainable_variables[0].numpy()), name="cls_init"
     )
-    cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2, batch_size=4)
-    trainer = Trainer(task, model, build_optimizer(cfg, 1e-2, 100), cfg)
-    trainer.broadcast_state()
+    distributed.broadcast_model(model)
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 12, 64)
     docs = Documents(
@@ -239,68 +246,87 @@ def test_classifier_fine_tuning_keeps_ranks_identical(world):
         world.size,
     )
     for x, y, w in docs.train_dataset(epoch=0, seed=0):
-        trainer.train_step(x, y, w)
-    finals = distributed.allgather_object(_state(trainer), name="cls_final")
+        _step(model, x, y, w, task=task)
+    finals = distributed.allgather_object(_state(model), name="cls_final")
     assert not np.array_equal(before[0], before[1])
     for a, b in zip(finals[0], finals[1], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def _lm_trainer(world, **cfg_overrides):
+class _WeightedLM(Task):
+    """The causal LM with its row weights as Keras sample weights: a NaN weight poisons a loss."""
+
+    def fit_dataset(self, dataset, training):
+        return dataset.map(
+            lambda x, y, w: (model_inputs(x), y, tf.broadcast_to(w[:, None], tf.shape(y)))
+        )
+
+
+def _lm(world, task=LM, **cfg_overrides):
     keras.utils.set_random_seed(70)
     cfg = TrainConfig(xla=False, warmup_steps=0, lr=1e-2, batch_size=4, **cfg_overrides)
-    trainer = Trainer(LM, build_causal_lm(MODEL, VOCAB), build_optimizer(cfg, 1e-2, 100), cfg)
-    trainer.broadcast_state()
-    return trainer
+    model = _compiled(cfg, 1e-2)
+    distributed.broadcast_model(model)
+    return model
 
 
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(world):
-    trainer = _lm_trainer(world)
-    before = _state(trainer)
+    model = _lm(world)
+    before = _state(model)
     x, y, w = _batch(np.random.default_rng(world.rank), 4)
     if world.rank == world.size - 1:
         w[0] = np.nan  # poisons this rank's loss and gradients only
-    stats = trainer.train_step(x, y, w)
-    flags = distributed.allgather_object(float(stats["nonfinite"]), name="nan_flags")
-    assert flags == [1.0] * world.size  # every rank saw it
-    for a, b in zip(before, _state(trainer), strict=True):
-        np.testing.assert_array_equal(a, b)  # and no rank applied the update
-    x, y, w = _batch(np.random.default_rng(world.rank), 4)
-    assert float(trainer.train_step(x, y, w)["nonfinite"]) == 0.0  # the next clean step trains
+    _step(model, x, y, w, task=_WeightedLM(Config()))
+    skipped = distributed.allgather_object(model.optimizer.nonfinite_steps, name="nan_counts")
+    assert skipped == [1] * world.size  # every rank saw it
+    after = _state(model)
+    for a, b in zip(before, after, strict=True):
+        if a.shape:  # not the optimizer's counters
+            np.testing.assert_array_equal(a, b)  # and no rank applied the update
+    _step(model, *_batch(np.random.default_rng(world.rank), 4))  # the next clean step trains
+    assert model.optimizer.nonfinite_steps == 1
+    assert not np.array_equal(after[0], _state(model)[0])
 
 
 class _Poisoned(Windows):
     """Windows whose 3rd training batch carries a NaN weight on the last rank."""
 
-    def train_dataset(self, epoch, seed, start_step=0, steps=None):
-        import tensorflow as tf
-
+    def train_stream(self, *args, **kwargs):
         poison = self.rank == self.world - 1
-        ds = super().train_dataset(epoch, seed, start_step, steps).enumerate()
+        ds = super().train_stream(*args, **kwargs).enumerate()
         return ds.map(lambda i, b: (b[0], b[1], tf.where((i == 2) & poison, b[2] * np.nan, b[2])))
 
 
 def test_a_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_checkpoint(world, tmp_path):
-    from train import NonFiniteLoss, TrainState
+    from tests.conftest import InMemoryData
+    from train import fit
     from utils import checkpoint
+    from utils.callbacks import Progress
+    from utils.errors import NonFiniteLoss
     from utils.run_dir import RunDir
 
-    trainer = _lm_trainer(world, checkpoint_every=1, epochs=1)
+    cfg = TrainConfig(
+        xla=False,
+        warmup_steps=0,
+        lr=1e-2,
+        batch_size=4,
+        checkpoint_every=1,
+        epochs=1,
+        tensorboard=False,
+    )
+    task = _WeightedLM(Config(model=MODEL, train=cfg))
     tokens = (
         np.random.default_rng(1).integers(1, VOCAB, 8 * 4 * world.size * 6 + 1).astype(np.uint16)
     )
-    train = _Poisoned(tokens, 8, 4, world.rank, world.size)
-    run_dir = RunDir(tmp_path)
+    task.prepared = InMemoryData(VOCAB, train=tokens, val=tokens)
+    task.shards = lambda split: _Poisoned(tokens, 8, 4, world.rank, world.size)
+    model = _lm(world)
+    run_dir = RunDir(tmp_path / f"rank{world.rank}")
+    run_dir.create(resume=False)
     with pytest.raises(
         NonFiniteLoss, match=r"NaN/inf at step 3 .*training stopped on every rank"
     ) as e:
-        trainer.fit(
-            train,
-            Windows(tokens, 8, 4, world.rank, world.size),
-            TrainState(),
-            train.steps_per_epoch,
-            run_dir=run_dir,
-        )
+        fit(task, model, Progress(), run_dir)
     messages = distributed.allgather_object(str(e.value).split(";")[0], name="nan_messages")
     assert len(set(messages)) == 1
     if world.is_chief:

@@ -9,6 +9,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from tests.conftest import (
     CHILD_ENV,
     HOROVODRUN,
@@ -64,6 +66,7 @@ def _kill_leftovers(marker: str) -> None:
             continue
 
 
+@pytest.mark.slow
 @requires_horovod
 def test_a_killed_worker_leaves_the_survivor_to_finish_at_world_size_1(tmp_path):
     started = time.monotonic()
@@ -135,9 +138,9 @@ def test_a_killed_worker_leaves_the_survivor_to_finish_at_world_size_1(tmp_path)
     assert reset_at is not None, text[-4000:]
     with (run_dir / "history.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # Keras's CSVLogger counts from 0
     sizes = [int(float(r["world_size"])) for r in rows]
-    assert sizes == [2, 1, 1], sizes  # epoch 2 spans the reset: the size that finished it
+    assert sizes == [2, 1, 1], sizes  # the 2nd epoch spans the reset: the size that finished it
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 3 and metrics["world_size"] == 1
     [reset] = metrics["elastic_resets"]

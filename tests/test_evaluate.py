@@ -49,6 +49,7 @@ def test_evaluate_other_text_with_the_runs_tokenizer(tiny_run, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["test_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_evaluate_errors(tiny_run, tmp_path):
     run_dir = _copy(tiny_run, tmp_path)
     # a tokenizer from another vocabulary size

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import PYTHON, ROOT, horovodrun, requires_horovod
 
 
+@pytest.mark.slow
 @requires_horovod
 def test_multiprocess_group_passes_on_both_ranks(tmp_path):
     """One horovodrun launch runs every `multiprocess` test on 2 ranks; none may skip."""

@@ -208,6 +208,7 @@ def two_hosts(tmp_path):
         yield namespaces[0], client_key, bin_dir
 
 
+@pytest.mark.slow
 @requires_horovod
 def test_two_namespaces_over_ssh_give_cross_size_2(tmp_path, two_hosts):
     namespace, client_key, bin_dir = two_hosts

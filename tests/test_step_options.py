@@ -1,7 +1,7 @@
-"""The training-step options keep their promises (single process).
+"""The training-step options keep their promises (single process, through model.fit's train function).
 
-- gradient accumulation: k micro-batches of B give the update of one batch of k x B;
-- the XLA-compiled gradient function gives the gradients of the plain one;
+- gradient accumulation: k batches of B give the update of one batch of k x B;
+- the XLA-compiled step gives the update of the plain one;
 - mixed bfloat16 trains with float32 variables and a float32 loss.
 
 fp16 gradient compression needs two ranks: see test_distributed.py.
@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from models.transformer import build_causal_lm
 from tasks import MaskedLM, Task
-from train import Trainer, build_optimizer
+from tests.conftest import InMemoryData
+from train import compile_model
 from utils import distributed
 from utils.config import Config, ModelConfig, TrainConfig
 
@@ -28,31 +29,53 @@ def world():
     return distributed.init()
 
 
-def _trainer(task_cls=Task, **overrides) -> Trainer:
+def _model(task_cls=Task, lr: float = 10.0, **overrides) -> tuple[Task, keras.Model]:
     cfg = TrainConfig(
         optimizer="sgd", momentum=0.0, clip_norm=0.0, weight_decay=0.0, warmup_steps=0, **overrides
     )
     task = task_cls(Config(model=MODEL, train=cfg))
-    task.prepared = type("Prepared", (), {"vocab_size": VOCAB})()
+    task.prepared = InMemoryData(VOCAB)
     keras.utils.set_random_seed(0)
     model = task.build_model() if task_cls is not Task else build_causal_lm(MODEL, VOCAB)
-    return Trainer(task, model, build_optimizer(cfg, 0.1, 100), cfg)
+    # A large rate: updates (new - old weights) must stand well above float32 rounding of the weights.
+    compile_model(task, model, cfg, lr, 100)
+    return task, model
 
 
 def _batch(rows: int, seed: int = 0):
+    """(token ids, targets, row weights) as data/load.py yields them; the last row only pads."""
     rng = np.random.default_rng(seed)
     x = tf.constant(rng.integers(3, VOCAB, (rows, MODEL.seq_len)), tf.int32)
     y = tf.constant(rng.integers(3, VOCAB, (rows, MODEL.seq_len)), tf.int32)
-    y = tf.where(tf.constant(rng.random((rows, MODEL.seq_len)) < 0.2), 0, y)  # some padding
     w = np.ones(rows, np.float32)
-    w[-1] = 0.0  # a row that only pads the batch: micro-batches hold unequal target counts
+    w[-1] = 0.0
     return x, y, tf.constant(w)
+
+
+def _keras_batches(task: Task, batch, parts: int) -> list:
+    """The task's fit batch (as model.fit gets it), cut into `parts` batches of equal rows."""
+    ds = tf.data.Dataset.from_tensors(batch)
+    whole = next(iter(task.fit_dataset(ds, training=True)))
+    rows = int(tf.nest.flatten(whole)[0].shape[0]) // parts
+    return [
+        tf.nest.map_structure(lambda t, i=i: t[i * rows : (i + 1) * rows], whole)
+        for i in range(parts)
+    ]
+
+
+def _update(model: keras.Model, batches: list) -> list[np.ndarray]:
+    """Weights after minus before running the train function on `batches`, one call each."""
+    before = [w.numpy() for w in model.trainable_weights]
+    model.make_train_function()
+    for batch in batches:
+        model.train_function(iter(tf.data.Dataset.from_tensors(batch)))
+    return [w.numpy() - b for w, b in zip(model.trainable_weights, before, strict=True)]
 
 
 def _max_relative_gap(a_list, b_list) -> float:
     """Largest absolute difference over all tensors, relative to b's largest magnitude.
 
-    (Per tensor would divide by ~0 for gradients that are zero in exact arithmetic,
+    (Per tensor would divide by ~0 for updates that are zero in exact arithmetic,
     such as attention key biases, which the softmax ignores: their float noise is ~1e-12.)
     """
     a_list = [np.asarray(a, np.float64) for a in a_list]
@@ -62,57 +85,51 @@ def _max_relative_gap(a_list, b_list) -> float:
 
 
 @pytest.mark.parametrize("xla", [False, True])
-def test_accumulated_micro_batches_give_the_update_of_one_big_batch(xla):
+def test_accumulated_batches_give_the_update_of_one_big_batch(xla):
     batch = _batch(12)
-    whole, micro = _trainer(xla=xla), _trainer(xla=xla, accumulate_steps=3)
-    micro.model.set_weights(whole.model.get_weights())
-
-    grads_whole, stats_whole, _ = whole._accumulated_gradients(*batch)
-    grads_micro, stats_micro, _ = micro._accumulated_gradients(*batch)
-    assert _max_relative_gap(grads_micro, grads_whole) < TOLERANCE
-    assert float(stats_micro["count"]) == float(stats_whole["count"])
-
-    before = whole.model.get_weights()
-    whole.train_step(*batch)
-    micro.train_step(*batch)
-    update_whole = [a - b for a, b in zip(whole.model.get_weights(), before, strict=True)]
-    update_micro = [a - b for a, b in zip(micro.model.get_weights(), before, strict=True)]
+    task, whole = _model(xla=xla)
+    _, micro = _model(xla=xla, accumulate_steps=3)
+    micro.set_weights(whole.get_weights())
+    update_whole = _update(whole, _keras_batches(task, batch, 1))
+    update_micro = _update(micro, _keras_batches(task, batch, 3))
+    assert max(np.max(np.abs(u)) for u in update_whole) > 0
     assert _max_relative_gap(update_micro, update_whole) < TOLERANCE
+    assert int(micro.optimizer.iterations.numpy()) == int(whole.optimizer.iterations.numpy()) == 1
 
 
 def test_accumulation_splits_dict_inputs_of_the_masked_lm():
-    """MLM inputs are a dict (token ids, mask positions): they are split the same way."""
-    whole, micro = _trainer(MaskedLM, xla=False), _trainer(MaskedLM, xla=False, accumulate_steps=2)
-    micro.model.set_weights(whole.model.get_weights())
+    """MLM inputs are a dict (token ids, mask positions) with per-position weights."""
+    task, whole = _model(MaskedLM, xla=False)
+    _, micro = _model(MaskedLM, xla=False, accumulate_steps=2)
+    micro.set_weights(whole.get_weights())
     x, _, w = _batch(8)
-    masked = whole.task.transform(tf.data.Dataset.from_tensors((x, x, w)), training=True)
-    batch = next(iter(masked))
-    grads_whole, _, _ = whole._accumulated_gradients(*batch)
-    grads_micro, _, _ = micro._accumulated_gradients(*batch)
-    assert _max_relative_gap(grads_micro, grads_whole) < TOLERANCE
+    [masked] = _keras_batches(task, (x, x, w), 1)
+    halves = [tf.nest.map_structure(lambda t, i=i: t[i * 4 : (i + 1) * 4], masked) for i in (0, 1)]
+    update_whole = _update(whole, [masked])
+    update_micro = _update(micro, halves)
+    assert _max_relative_gap(update_micro, update_whole) < TOLERANCE
 
 
-def test_xla_gradients_equal_the_plain_gradients():
-    plain, compiled = _trainer(xla=False), _trainer(xla=True)
-    compiled.model.set_weights(plain.model.get_weights())
-    batch = _batch(8, seed=1)
-    grads_plain, stats_plain = plain._grad_fn(*batch)
-    grads_xla, stats_xla = compiled._grad_fn(*batch)
-    assert _max_relative_gap(grads_xla, grads_plain) < TOLERANCE
-    assert abs(float(stats_xla["loss_sum"]) - float(stats_plain["loss_sum"])) < TOLERANCE * float(
-        stats_plain["loss_sum"]
-    )
+def test_the_xla_step_gives_the_update_of_the_plain_step():
+    task, plain = _model(xla=False)
+    _, compiled = _model(xla=True)
+    compiled.set_weights(plain.get_weights())
+    batches = _keras_batches(task, _batch(8, seed=1), 1)
+    assert _max_relative_gap(_update(compiled, batches), _update(plain, batches)) < TOLERANCE
 
 
 def test_mixed_bfloat16_trains_with_float32_variables():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        trainer = _trainer(xla=True, precision="mixed_bfloat16")
-        batch = _batch(8)
-        first = float(trainer.train_step(*batch)["loss_sum"])
-        for _ in range(5):
-            last = float(trainer.train_step(*batch)["loss_sum"])
+        task, model = _model(lr=0.1, xla=True, precision="mixed_bfloat16")
+        batches = _keras_batches(task, _batch(8), 1) * 6
+        model.make_train_function()
+        losses = [
+            float(model.train_function(iter(tf.data.Dataset.from_tensors(b)))["loss"])
+            for b in batches
+        ]
+        model.reset_metrics()
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
-    assert np.isfinite(last) and last < first  # it learns the repeated batch
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    assert np.isfinite(losses[-1]) and losses[-1] < losses[0]  # it learns the repeated batch

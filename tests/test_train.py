@@ -1,20 +1,21 @@
-"""train.py: the loop's stopping rules, mid-epoch stops, checkpoint round trip, schedule."""
+"""train.py: model.fit's stopping rules, mid-epoch stops and resume, checkpoint round trip."""
 
-import dataclasses
-
+import keras
 import numpy as np
 import pytest
 
-from data.load import Windows
 from models.transformer import build_causal_lm
 from tasks import Task
-from train import Trainer, TrainState, build_optimizer
+from tests.conftest import InMemoryData
+from train import compile_model, fit, restore
 from utils import distributed
+from utils.callbacks import Progress
 from utils.config import Config, ModelConfig, TrainConfig
 from utils.run_dir import RunDir
 from utils.schedules import WarmupDecay
 
 MODEL = ModelConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32, seq_len=8, dropout=0.0)
+VOCAB = 30
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,51 +23,83 @@ def world():
     return distributed.init()
 
 
-def _trainer(lr=1e-2, **train_overrides):
+def _tokens(seed, n=8 * 4 * 4 + 1):
+    return np.random.default_rng(seed).integers(4, VOCAB, n).astype(np.uint16)
+
+
+def _task(**train_overrides) -> Task:
     cfg = TrainConfig(
-        xla=False, warmup_steps=0, batch_size=4, checkpoint_every=3, **train_overrides
+        xla=False,
+        warmup_steps=0,
+        batch_size=4,
+        checkpoint_every=3,
+        tensorboard=False,
+        **train_overrides,
     )
-    return Trainer(Task(Config()), build_causal_lm(MODEL, 30), build_optimizer(cfg, lr, 100), cfg)
+    task = Task(Config(model=MODEL, train=cfg))
+    task.prepared = InMemoryData(VOCAB, train=_tokens(0), val=_tokens(1))
+    return task
 
 
-def _windows(seed=0, n=8 * 4 * 4 + 1):
-    tokens = np.random.default_rng(seed).integers(4, 30, n).astype(np.uint16)
-    return Windows(tokens, 8, 4)
+def _model(task: Task, lr: float = 1e-2) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = build_causal_lm(MODEL, VOCAB)
+    compile_model(task, model, task.config.train, lr, 100)
+    return model
+
+
+class EpochEnds(keras.callbacks.Callback):
+    """A user's callback: records each epoch's logs and how many rows its loss covers."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, float, dict]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss_rows = float(self.model.metrics[0].variables[1].numpy())  # Mean's count
+        self.rows.append((epoch, loss_rows, dict(logs)))
 
 
 def test_early_stopping_when_validation_stalls():
-    trainer = _trainer(lr=0.0, epochs=10, early_stopping_patience=2)
-    state = trainer.fit(_windows(), _windows(1), TrainState(), steps_per_epoch=4)
-    assert (
-        state.stopped_early and len(state.history) == 3
-    )  # best at epoch 1, then 2 without improvement
+    task = _task(epochs=10, early_stopping_patience=2)
+    model = _model(task, lr=0.0)
+    seen = EpochEnds()
+    tracker = fit(task, model, Progress(), None, callbacks=[seen])
+    # best at epoch 1, then 2 epochs without improvement
+    assert tracker.progress.stopped_early and [e for e, _, _ in seen.rows] == [0, 1, 2]
 
 
 def test_max_steps_stops_mid_epoch_and_the_epoch_resumes(tmp_path):
     run_dir = RunDir(tmp_path)
-    trainer = _trainer(epochs=3, max_steps=6)
-    state = trainer.fit(_windows(), _windows(1), TrainState(), steps_per_epoch=4, run_dir=run_dir)
-    assert (state.global_step, state.epoch, state.step_in_epoch) == (6, 1, 2)
-    assert [r["epoch"] for r in state.history] == [1, 2] and state.history[-1]["step"] == 6
-    trainer.cfg = dataclasses.replace(trainer.cfg, max_steps=0)
-    state = trainer.fit(_windows(), _windows(1), state, steps_per_epoch=4, run_dir=run_dir)
-    assert [r["epoch"] for r in state.history] == [1, 2, 3]  # the partial row was replaced
-    assert [r["step"] for r in state.history] == [4, 8, 12]
-    # train metrics of the interrupted epoch cover all of its 4 steps
-    assert state.history[1]["loss"] > 0
+    task = _task(epochs=3, max_steps=6)
+    model = _model(task)
+    first = EpochEnds()
+    progress = fit(task, model, Progress(), run_dir, callbacks=[first]).progress
+    assert (progress.global_step, progress.epoch, progress.step_in_epoch) == (6, 1, 2)
+    assert [(e, logs["step"]) for e, _, logs in first.rows] == [(0, 4), (1, 6)]
+    task.config.train.max_steps = 0
+    second = EpochEnds()
+    fit(task, model, progress, run_dir, callbacks=[second])
+    history = run_dir.read_history()
+    assert [r["epoch"] for r in history] == ["0", "1", "2"]  # the partial row was replaced
+    assert [r["step"] for r in history] == ["4", "8", "12"]
+    # The interrupted epoch's figures cover all of its 4 steps x 4 rows, not the last 2 steps.
+    assert [(e, rows) for e, rows, _ in second.rows] == [(1, 16.0), (2, 16.0)]
 
 
 def test_checkpoint_round_trip(tmp_path):
     run_dir = RunDir(tmp_path)
-    trainer = _trainer(epochs=1)
-    state = trainer.fit(_windows(), _windows(1), TrainState(), steps_per_epoch=4, run_dir=run_dir)
+    task = _task(epochs=1)
+    model = _model(task)
+    progress = fit(task, model, Progress(), run_dir).progress
     saved = sorted(p.name for p in run_dir.checkpoints.glob("step-*"))
     assert saved == ["step-00000003", "step-00000004"]
-    fresh = _trainer(epochs=1)
-    restored = fresh.restore(run_dir, global_batch=4)
-    assert restored.global_step == 4 and restored.epoch == 1 and restored.history == state.history
-    a = trainer.model.variables + list(trainer.optimizer.variables)
-    b = fresh.model.variables + list(fresh.optimizer.variables)
+    fresh = _model(_task(epochs=1))
+    restored = restore(fresh, run_dir)
+    assert (restored.global_step, restored.epoch) == (4, 1)
+    assert restored.early_stopping == progress.early_stopping
+    a = model.variables + list(model.optimizer.variables)
+    b = fresh.variables + list(fresh.optimizer.variables)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 

@@ -1,146 +1,312 @@
-"""Rank-0 callbacks of the training loop: progress bar, history.csv, TensorBoard.
+"""The project's own Keras callbacks: only what Keras lacks for this project's training.
 
-Each is a no-op on the other ranks, so the loop calls them everywhere.
+- `TrainingProgress`: where training is (epoch, step, samples consumed);
+  saving it (step checkpoints, elastic commits) so that a run resumes at the
+  exact sample, mid-epoch and at another world size, with the interrupted
+  epoch's metrics and the early-stopping state; and the epoch's extra
+  figures (learning rate, tokens/s, times, world size).
+- `NonFiniteGuard`: when a step's averaged gradients were NaN/inf (the
+  DistributedOptimizer then skipped it on every rank), stop every rank at
+  that step, or warn and go on.
+- `AtomicModelCheckpoint`: Keras's ModelCheckpoint, written under a
+  temporary name and renamed, so a crash never leaves half a file.
+
+Progress bar, history.csv, TensorBoard, early stopping and the best model
+are Keras's own callbacks (train.py puts them together).
 """
 
 from __future__ import annotations
 
-import math
-import sys
+import dataclasses
+import pathlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
+import numpy as np
 
 from utils import distributed
-from utils.metrics import Sums
-from utils.run_dir import RunDir
-
-if TYPE_CHECKING:
-    from train import Trainer, TrainState
+from utils.errors import NonFiniteLoss
 
 
-class Callback:
-    """Hooks into the training loop; the Trainer calls them on every rank."""
+@dataclasses.dataclass
+class Progress:
+    """Where training is: saved in every checkpoint and elastic commit."""
 
-    def on_train_begin(self, trainer: Trainer, state: TrainState, steps_per_epoch: int) -> None: ...
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # updates completed in the current epoch
+    samples_in_epoch: int = 0  # samples consumed in the current epoch, all ranks
+    global_step: int = 0  # updates completed in all
+    train_seconds: float = 0.0  # wall seconds of training, across resumes
+    # The current epoch's metric state (model.metrics_variables) summed over
+    # ranks, when saved mid-epoch: a resumed epoch's figures cover all its steps.
+    metric_state: list = dataclasses.field(default_factory=list)
+    # EarlyStopping's (and the best-model checkpoint's) state after the last
+    # complete epoch, and its best weights (saved beside the variables).
+    early_stopping: dict = dataclasses.field(default_factory=dict)
+    best_weights: list | None = None
+    stopped_early: bool = False
 
-    def on_step_end(self, trainer: Trainer, state: TrainState, running: Sums) -> None: ...
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the best weights go into the checkpoint's arrays)."""
+        out = dataclasses.asdict(self)
+        del out["best_weights"]
+        out["metric_state"] = [np.asarray(v).tolist() for v in self.metric_state]
+        return out
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None: ...
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], best_weights: list | None = None) -> Progress:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in fields}, best_weights=best_weights)
 
 
-class ProgressBar(Callback):
-    """Per-epoch progress on rank 0: a Keras progress bar in a terminal, plain lines otherwise.
+class TrainingProgress(keras.callbacks.Callback):
+    """Tracks the position, cuts the epochs where the data says, saves and restores state.
 
-    The figures are rank 0's running loss and accuracy on its own shard since
-    the epoch began (or the last checkpoint); the epoch line after it gives
-    the exact values over all ranks.
+    `model.fit` runs from `progress` over one data stream (data/load.py
+    `train_stream`), whose first epoch may be partial (a resumed run): this
+    ends that Keras epoch where the data's epoch ends, and stops at
+    `max_steps`. Every `every` updates (and at each epoch boundary) it calls
+    each `savers` entry with the progress: step checkpoints, elastic commits.
+
+    Put it after MetricAverageCallback (its figures use the exact logs) and
+    before EarlyStopping, CSVLogger and the best-model checkpoint.
+
+    Args:
+        progress: where this fit starts; updated in place.
+        steps_per_epoch: updates per epoch.
+        micro_batches: batches per update (gradient accumulation).
+        samples_per_step: samples per update over all ranks.
+        tokens_per_sample: for tokens/s.
+        max_steps: stop after this many updates in all (0: no cap).
+        savers: (every N updates, function of the progress); N = 0 saves at
+            epoch boundaries only.
+        figures: extra epoch figures from the epoch's logs (the task's).
+        early_stopping, best_checkpoint: the run's EarlyStopping and
+            ModelCheckpoint, whose state is saved and restored with the progress.
     """
 
-    def __init__(self, epochs: int, log_every: int, line_seconds: float = 20.0):
-        self.epochs, self.log_every, self.line_seconds = epochs, log_every, line_seconds
-        self.tty = sys.stdout.isatty()
-        self.bar: keras.utils.Progbar | None = None
-        self.steps = 0
-        self.last_line = 0.0
+    def __init__(
+        self,
+        progress: Progress,
+        steps_per_epoch: int,
+        micro_batches: int,
+        samples_per_step: int,
+        tokens_per_sample: int,
+        max_steps: int = 0,
+        savers: Sequence[tuple[int, Callable[[Progress], None]]] = (),
+        figures: Callable[[dict], dict] = lambda logs: {},
+        early_stopping: keras.callbacks.EarlyStopping | None = None,
+        best_checkpoint: keras.callbacks.ModelCheckpoint | None = None,
+    ):
+        super().__init__()
+        self.progress = progress
+        self.steps_per_epoch, self.micro_batches = steps_per_epoch, micro_batches
+        self.samples_per_step, self.tokens_per_sample = samples_per_step, tokens_per_sample
+        self.max_steps, self.savers, self.figures = max_steps, list(savers), figures
+        self.early_stopping, self.best_checkpoint = early_stopping, best_checkpoint
+        self.last_logs: dict[str, Any] = {}
 
-    def on_train_begin(self, trainer: Trainer, state: TrainState, steps_per_epoch: int) -> None:
-        self.steps = steps_per_epoch
+    # --- the position ------------------------------------------------------------
 
-    def on_step_end(self, trainer: Trainer, state: TrainState, running: Sums) -> None:
+    def on_train_begin(self, logs=None):
+        self._started, self._seconds_before = time.perf_counter(), self.progress.train_seconds
+        self._first_epoch = True
+        self._cut = self._at_max = False
+        self._pending_metrics = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch:
+            self._first_epoch = False
+            self._restore()
+        else:  # the previous epoch ended (and EarlyStopping has seen it)
+            self._snapshot_callbacks()
+            self._save(mid_epoch=False)
+        self._batches = self.progress.step_in_epoch * self.micro_batches
+        self._epoch_started, self._train_seconds = time.perf_counter(), None
+        self._steps_at_start = self.progress.step_in_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._pending_metrics:  # the metrics exist once the first step has run
+            self._add_saved_metrics()
+        self._batches += 1
+        if self._batches % self.micro_batches:
+            return  # inside an accumulated update
+        p = self.progress
+        p.step_in_epoch += 1
+        p.global_step += 1
+        p.samples_in_epoch = p.step_in_epoch * self.samples_per_step
+        epoch_done = p.step_in_epoch >= self.steps_per_epoch
+        if self.max_steps and p.global_step >= self.max_steps:
+            self.model.stop_training = self._at_max = True
+        elif epoch_done and batch + 1 < self.steps_per_epoch * self.micro_batches:
+            # A resumed epoch: the data's epoch ends before Keras's does.
+            self.model.stop_training = self._cut = True
+        due = [save for every, save in self.savers if every and p.global_step % every == 0]
+        if due and not epoch_done:
+            self._capture_metrics()
+            for save in due:
+                save(p)
+
+    def on_test_begin(self, logs=None):
+        if self._train_seconds is None:
+            self._train_seconds = time.perf_counter() - self._epoch_started
+
+    def on_epoch_end(self, epoch, logs=None):
+        p = self.progress
+        if self._cut and not self._at_max:
+            self.model.stop_training = False  # go on with the next epoch
+        self._cut = False
+        seconds = self._train_seconds or (time.perf_counter() - self._epoch_started)
+        steps = p.step_in_epoch - self._steps_at_start
+        p.train_seconds = self._clock()
+        logs = logs if logs is not None else {}
+        logs.update(
+            {
+                "step": p.global_step,
+                "lr": _learning_rate(self.model.optimizer),
+                "tokens_per_sec": steps * self.samples_per_step * self.tokens_per_sample / seconds,
+                "samples_per_sec": steps * self.samples_per_step / seconds,
+                "epoch_seconds": seconds,
+                "wall_seconds": p.train_seconds,
+                "world_size": distributed.size(),
+            }
+        )
+        logs.update(self.figures(logs))
+        if p.step_in_epoch >= self.steps_per_epoch:
+            p.epoch += 1
+            p.step_in_epoch = p.samples_in_epoch = 0
+            p.metric_state = []
+        self.last_logs = dict(logs)
+
+    def on_train_end(self, logs=None):
+        p = self.progress
+        p.train_seconds = self._clock()
+        if self.early_stopping is not None:
+            p.stopped_early = self.early_stopping.stopped_epoch > 0
+        if p.step_in_epoch == 0:
+            self._snapshot_callbacks()  # after the last epoch
+        self._save(mid_epoch=p.step_in_epoch > 0)
+
+    # --- saving and restoring -------------------------------------------------------
+
+    def _clock(self) -> float:
+        return self._seconds_before + time.perf_counter() - self._started
+
+    def _save(self, mid_epoch: bool) -> None:
+        if mid_epoch:
+            self._capture_metrics()
+        for _, save in self.savers:
+            save(self.progress)
+
+    def _capture_metrics(self) -> None:
+        """The epoch's metric state so far, summed over ranks (a collective: every rank calls it)."""
+        values = [v.numpy() for v in self.model.metrics_variables]
+        summed = distributed.allreduce_sums({f"{i:05d}": v for i, v in enumerate(values)})
+        self.progress.metric_state = [summed[f"{i:05d}"] for i in range(len(values))]
+
+    def _restore(self) -> None:
+        """A resumed epoch: its metrics so far (see below) and the early-stopping state."""
+        p = self.progress
+        self._pending_metrics = bool(p.metric_state)
+        state, es, mc = p.early_stopping, self.early_stopping, self.best_checkpoint
+        if state and es is not None:
+            es.wait, es.best, es.best_epoch = state["wait"], state["best"], state["best_epoch"]
+            es.best_weights = p.best_weights
+        if state.get("checkpoint_best") is not None and mc is not None:
+            mc.best = state["checkpoint_best"]
+
+    def _add_saved_metrics(self) -> None:
+        """Add the interrupted epoch's metric state (summed over ranks) on rank 0.
+
+        Metric state is totals and counts, so adding it once, on one rank, keeps
+        the exact sums that MetricAverageCallback forms. Done after the first
+        step, because Keras creates the metrics' variables when it first traces it.
+        """
+        self._pending_metrics = False
         if not distributed.is_chief():
             return
-        step = state.step_in_epoch
-        if step % self.log_every and step != self.steps:
+        for variable, value in zip(
+            self.model.metrics_variables, self.progress.metric_state, strict=True
+        ):
+            variable.assign_add(np.asarray(value, dtype=variable.dtype))
+
+    def _snapshot_callbacks(self) -> None:
+        es, mc, p = self.early_stopping, self.best_checkpoint, self.progress
+        state: dict[str, Any] = {}
+        if es is not None:
+            best = None if es.best is None else float(es.best)
+            state.update(wait=es.wait, best=best, best_epoch=es.best_epoch)
+            p.best_weights = es.best_weights
+        if mc is not None and mc.best is not None and np.isfinite(mc.best):
+            state["checkpoint_best"] = float(mc.best)
+        p.early_stopping = state
+
+
+def _learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    return float(np.asarray(optimizer.learning_rate))
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stop (or warn and go on) on every rank at a step whose averaged gradients were NaN/inf.
+
+    The DistributedOptimizer (skip_nonfinite=True) already skipped that
+    update, on every rank alike: the average is NaN everywhere when it is on
+    one rank, so its count of skipped steps is the same on every rank and
+    so is this callback's decision. Put it before TrainingProgress, so that
+    a stopped run's last checkpoint is the last good step.
+
+    Args:
+        mode: "stop" (raise NonFiniteLoss) or "skip" (warn on rank 0).
+        progress: the run's progress (for the step number in the message).
+        last_checkpoint: where the newest checkpoint is (for the message).
+    """
+
+    def __init__(
+        self, mode: str, progress: Progress, last_checkpoint: Callable[[], Any] = lambda: None
+    ):
+        super().__init__()
+        self.mode, self.progress, self.last_checkpoint = mode, progress, last_checkpoint
+
+    def on_train_begin(self, logs=None):
+        self.optimizer = distributed.find_distributed(self.model.optimizer)
+        self.seen = self.optimizer.nonfinite_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        skipped = self.optimizer.nonfinite_steps
+        if skipped == self.seen:
             return
-        v = running.values
-        count = max(v["count"], 1.0)
-        values = [
-            ("loss", v["loss_sum"] / count),
-            ("accuracy", v["correct"] / count),
-            ("lr", trainer.current_lr()),
-        ]
-        if self.tty:
-            if self.bar is None:
-                print(f"Epoch {state.epoch + 1}/{self.epochs}")
-                self.bar = keras.utils.Progbar(self.steps, stateful_metrics=[k for k, _ in values])
-            self.bar.update(step, values)
-        elif time.monotonic() - self.last_line >= self.line_seconds:
-            self.last_line = time.monotonic()
-            shown = "  ".join(f"{k} {x:.4g}" for k, x in values)
+        self.seen = skipped
+        p = self.progress
+        step = p.global_step + 1
+        if self.mode == "skip":
             distributed.print0(
-                f"epoch {state.epoch + 1}/{self.epochs} step {step}/{self.steps}  {shown}"
+                f"warning: non-finite loss or gradients at step {step} on some rank; step skipped"
             )
-
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
-        self.bar = None
-        skip = {
-            "epoch",
-            "step",
-            "lr",
-            "epoch_seconds",
-            "wall_seconds",
-            "world_size",
-            "samples_per_sec",
-            "tokens",
-            "val_tokens",
-            "examples",
-            "val_examples",
-            "perplexity",
-        }
-        shown = "  ".join(
-            f"{k} {v:,.0f}" if k == "tokens_per_sec" else f"{k} {v:.4f}"
-            for k, v in row.items()
-            if k not in skip
-        )
-        distributed.print0(
-            f"epoch {row['epoch']}/{self.epochs}: {shown}"
-            + ("  (early stop)" if state.stopped_early else "")
-        )
-
-
-class HistoryCSV(Callback):
-    """Rewrites history.csv after every epoch (rank 0)."""
-
-    def __init__(self, run_dir: RunDir):
-        self.run_dir = run_dir
-
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
-        if distributed.is_chief():
-            self.run_dir.write_history(state.history)
-
-
-class TensorBoard(Callback):
-    """Per-epoch scalars, and the running training loss every `log_every` steps (rank 0)."""
-
-    def __init__(self, run_dir: RunDir, log_every: int):
-        import tensorflow as tf
-
-        self.log_every = log_every
-        self.writer = (
-            tf.summary.create_file_writer(str(run_dir.tensorboard))
-            if distributed.is_chief()
-            else None
-        )
-
-    def on_step_end(self, trainer: Trainer, state: TrainState, running: Sums) -> None:
-        if self.writer is None or state.global_step % self.log_every:
             return
-        import tensorflow as tf
+        latest = self.last_checkpoint()
+        where = f"; the last good checkpoint is {latest}" if latest else ""
+        raise NonFiniteLoss(
+            f"the loss or gradients became NaN/inf at step {step} (epoch {p.epoch + 1}, step "
+            f"{p.step_in_epoch + 1} of the epoch) on at least one rank; training stopped on every "
+            f"rank{where}. Lower train.lr, raise train.warmup_steps or clip harder "
+            "(train.clip_norm), or pass --train.on_nonfinite=skip to skip such steps"
+        )
 
-        v = running.values
-        with self.writer.as_default(step=state.global_step):
-            tf.summary.scalar("train/running_loss", v["loss_sum"] / max(v["count"], 1.0))
-            tf.summary.scalar("train/lr", trainer.current_lr())
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        import tensorflow as tf
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras's ModelCheckpoint, written under a temporary name and renamed into place."""
 
-        with self.writer.as_default(step=state.global_step):
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value is not None and math.isfinite(value):
-                    tf.summary.scalar(f"epoch/{key}", value)
-        self.writer.flush()
+    def __init__(self, filepath: str | pathlib.Path, **kwargs: Any):
+        self.final = pathlib.Path(filepath)
+        self.temporary = self.final.with_name(f".{self.final.stem}.tmp{self.final.suffix}")
+        super().__init__(str(self.temporary), **kwargs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        try:
+            super().on_epoch_end(epoch, logs)
+            if self.temporary.exists():
+                self.temporary.replace(self.final)
+        finally:
+            self.temporary.unlink(missing_ok=True)

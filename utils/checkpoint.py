@@ -1,8 +1,10 @@
 """Step checkpoints: model and optimizer variables plus the training position.
 
     <run_dir>/checkpoints/step-00000400/variables.npz   every model variable
-                                                        (dropout RNG state too)
-                                                        and optimizer slot
+                                                        (dropout RNG state too),
+                                                        optimizer slot, and extra
+                                                        arrays (the best epoch's
+                                                        weights for early stopping)
     <run_dir>/checkpoints/step-00000400/state.json      epoch, step, data position...
     <run_dir>/checkpoints/latest                        name of the newest one
 
@@ -33,7 +35,12 @@ def _paths(variables: Sequence) -> list[str]:
 
 
 def save(
-    directory: str | pathlib.Path, step: int, variables: Sequence, state: dict[str, Any], keep: int
+    directory: str | pathlib.Path,
+    step: int,
+    variables: Sequence,
+    state: dict[str, Any],
+    keep: int,
+    arrays: Sequence[np.ndarray] = (),
 ) -> pathlib.Path:
     """Write checkpoint `step-<step>` atomically and prune all but the newest `keep`."""
     directory = pathlib.Path(directory)
@@ -42,9 +49,10 @@ def save(
     if target.exists():  # e.g. the epoch end falls on a step interval: same content
         return target
     with atomic_directory(target) as tmp:
-        arrays = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
+        values = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
+        values.update({f"a{i:05d}": np.asarray(a) for i, a in enumerate(arrays)})
         with open(tmp / "variables.npz", "wb") as f:
-            np.savez(f, names=np.array(_paths(variables)), **arrays)
+            np.savez(f, names=np.array(_paths(variables)), **values)
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     atomic_write_text(directory / LATEST, target.name + "\n")
     for old in sorted(directory.glob("step-*"))[:-keep]:
@@ -64,8 +72,13 @@ def latest(directory: str | pathlib.Path) -> pathlib.Path | None:
     return complete[-1] if complete else None
 
 
-def restore(checkpoint: str | pathlib.Path, variables: Sequence) -> dict[str, Any]:
-    """Assign the saved values to `variables` (same model and optimizer); return the state."""
+def restore(
+    checkpoint: str | pathlib.Path, variables: Sequence
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Assign the saved values to `variables` (same model and optimizer).
+
+    Returns the saved state and the extra arrays.
+    """
     checkpoint = pathlib.Path(checkpoint)
     with np.load(checkpoint / "variables.npz") as data:
         names = [str(n) for n in data["names"]]
@@ -82,4 +95,5 @@ def restore(checkpoint: str | pathlib.Path, variables: Sequence) -> dict[str, An
                     f"{checkpoint}: {name} has shape {value.shape}, the model expects {tuple(v.shape)}"
                 )
             v.assign(value)
-    return json.loads((checkpoint / "state.json").read_text())
+        arrays = [data[k] for k in sorted(k for k in data.files if k.startswith("a"))]
+    return json.loads((checkpoint / "state.json").read_text()), arrays

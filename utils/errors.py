@@ -20,6 +20,10 @@ class UserError(Exception):
     """Bad input: a one-line message naming what is wrong and where."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training stopped, on every rank together, because a loss or gradient went NaN/inf."""
+
+
 def launcher_rank() -> int:
     """This process's rank as set by horovodrun (or mpirun), 0 when launched alone.
 
@@ -49,7 +53,7 @@ def exit_on_known_failure(error: BaseException, prog: str = "main.py") -> None:
     exit 1). Anything else returns, for the caller to re-raise.
     """
     name, text = type(error).__name__, str(error)
-    if name == "NonFiniteLoss":
+    if isinstance(error, NonFiniteLoss):
         if launcher_rank() == 0:
             print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_FAILURE)

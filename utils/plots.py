@@ -70,11 +70,12 @@ def plot_runs(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path | None
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
     for index, run_dir in enumerate(run_dirs):
         history = read_history(run_dir)
+        epochs = [e + 1 for e in history["epoch"]]  # CSVLogger counts from 0, the progress bar from 1
         color = f"C{index}"
         label = run_label(run_dir)
         for ax, (train_key, val_key, title) in zip(axes, PANELS, strict=True):
             ax.plot(
-                history["epoch"],
+                epochs,
                 history[train_key],
                 color=color,
                 marker="o",
@@ -82,7 +83,7 @@ def plot_runs(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path | None
             )
             if val_key:
                 ax.plot(
-                    history["epoch"],
+                    epochs,
                     history[val_key],
                     color=color,
                     marker="o",

@@ -1,13 +1,14 @@
 """The run directory: everything a run leaves behind, written by rank 0 only.
 
     config.json      resolved config, world size, global batch, versions, corpus hash
-    history.csv      one row per epoch: loss, accuracy, val_loss, val_accuracy, lr, tokens/s, time
+    history.csv      one row per epoch (Keras's CSVLogger; epochs counted from 0): loss,
+                     accuracy, val_loss, val_accuracy, lr, tokens/s, times
     metrics.json     final metrics; later steps merge keys in, never drop them
     model.keras      the trained model
     tokenizer.model  the SentencePiece tokenizer the model was trained with
     data.json        the prepared dataset's meta.json (sizes, hashes)
     curves.png       loss and accuracy per epoch (utils/plots.py)
-    best.weights.h5  the weights of the best epoch (by val_loss, or val_macro_f1 for classify)
+    best.keras       the model at its best epoch (by val_loss, or val_macro_f1 for classify)
     checkpoints/     step checkpoints (utils/checkpoint.py)
     tensorboard/     TensorBoard logs
 
@@ -25,15 +26,6 @@ from typing import Any
 
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-HISTORY_FIRST = (
-    "epoch",
-    "step",
-    "loss",
-    "accuracy",
-    "val_loss",
-    "val_accuracy",
-)  # then the rest, in order
 
 
 def default_run_dir(preset: str, task: str) -> pathlib.Path:
@@ -87,16 +79,20 @@ class RunDir:
         with open(self.history, newline="") as f:
             return list(csv.DictReader(f))
 
-    def write_history(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite history.csv with `rows` (small: one row per epoch)."""
-        fields = list(HISTORY_FIRST)
-        for row in rows:
-            fields += [k for k in row if k not in fields]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.history, buf.getvalue())
+    def truncate_history(self, epochs: int) -> None:
+        """Keep the rows of the first `epochs` epochs (and no half-written line).
+
+        A resumed run writes its interrupted epoch's row again.
+        """
+        if not self.history.is_file():
+            return
+        with open(self.history, newline="") as f:
+            header, *rows = list(csv.reader(f)) or [[]]
+        kept = [r for r in rows if len(r) == len(header) and r[0].isdigit() and int(r[0]) < epochs]
+        if len(kept) != len(rows):
+            buf = io.StringIO()
+            csv.writer(buf).writerows([header, *kept])  # the excel dialect, as CSVLogger writes
+            atomic_write_text(self.history, buf.getvalue())
 
     def merge_metrics(self, new: dict[str, Any]) -> dict[str, Any]:
         """Add `new` keys to metrics.json, keeping every key already there."""
@@ -105,14 +101,7 @@ class RunDir:
         atomic_write_json(self.metrics, metrics)
         return metrics
 
-    best_weights = property(lambda self: self.path / "best.weights.h5")
-
-    def save_best_weights(self, model) -> None:
-        """The weights of the best epoch so far (for train.restore_best), atomically."""
-        _save_atomically(model.save_weights, self.path / ".best.tmp.weights.h5", self.best_weights)
-
-    def load_best_weights(self, model) -> None:
-        model.load_weights(self.best_weights)
+    best_model = property(lambda self: self.path / "best.keras")
 
     def save_model(self, model) -> None:
         """model.keras, atomically (Keras writes a zip; a crash must not leave half of one)."""

@@ -1,24 +1,18 @@
-"""Horovod for Keras 3, on `horovod.tensorflow` ops. All Horovod code lives here.
+"""Horovod's core for this project: start-up, the world, and collectives.
 
-Horovod 0.28.1's Keras layer does not work with Keras 3: its
-`DistributedOptimizer` hooks methods Keras 3 never calls (gradients are
-silently NOT averaged) and its callbacks fail on Keras 3 variables. So this
-module supplies the integration from Horovod's core ops, which do work:
+`init()` starts Horovod (when installed), gives each rank its share of CPU
+threads and pins one GPU per local rank. The collectives below are what the
+rest of the project uses; each is the single-process identity when Horovod
+is absent or the world has one rank, so the same code runs either way:
 
-- `init()`: start Horovod, give each rank its share of CPU threads, pin one
-  GPU per local rank where GPUs exist;
-- `allreduce_gradients()`: average gradients across ranks (one grouped,
-  fused allreduce) between computing and applying them;
+- `allreduce()`, `allreduce_gradients()`: Horovod's allreduce on tensors and
+  arrays (one grouped, fused allreduce for gradients);
 - `broadcast_variables()`: copy rank 0's model and optimizer state to all;
 - `allreduce_sums()`: exact cross-rank metrics (sum values and counts, then
   divide, never a mean of per-rank means);
 - `broadcast_object()`, `allgather_object()`, `any_rank()`, `barrier()`;
-- `is_chief()` / `print0()`: rank 0 alone prints, checkpoints and plots;
-- `elastic_state()` / `run_elastic()`: Horovod elastic training (--elastic
-  under `horovodrun --min-np ...`): the job goes on when a worker is lost.
+- `is_chief()` / `print0()`: rank 0 alone prints, checkpoints and plots.
 
-Without Horovod installed (or with `use_horovod=False`) every function is
-the single-process identity, so the same training code runs either way.
 Horovod ops have no XLA kernels: never call these inside a function compiled
 with `jit_compile=True`.
 """
@@ -134,6 +128,40 @@ def world() -> World:
     return _world
 
 
+def rank() -> int:
+    """This process's rank (0 without Horovod)."""
+    return _world.rank
+
+
+def size() -> int:
+    """Number of ranks (1 without Horovod or outside horovodrun)."""
+    return _world.size
+
+
+def local_rank() -> int:
+    """This process's rank among the ranks of its host."""
+    return _world.local_rank
+
+
+def local_size() -> int:
+    """Number of ranks on this host."""
+    return _world.local_size
+
+
+def refresh_world() -> World:
+    """Read rank and size again after Horovod re-formed the ranks (elastic; local calls only)."""
+    global _world
+    _world = dataclasses.replace(
+        _world,
+        rank=hvd.rank(),
+        size=hvd.size(),
+        local_rank=hvd.local_rank(),
+        local_size=hvd.local_size(),
+        cross_size=hvd.cross_size(),
+    )
+    return _world
+
+
 def is_chief() -> bool:
     return _world.rank == 0
 
@@ -154,24 +182,73 @@ def averaging() -> bool:
     return _active()
 
 
-def allreduce_gradients(grads: Sequence, compression: str = "none") -> list:
+class Compression:
+    """How gradients travel between ranks: Horovod's choices, named without Horovod installed.
+
+    `DistributedOptimizer(compression=...)` also takes Horovod's own
+    `horovod.tensorflow.Compression.fp16` / `.none`.
+    """
+
+    none = "none"
+    fp16 = "fp16"
+
+
+def _codec(compression: Any) -> Any:
+    """Horovod's compressor for "none"/"fp16" or for one of Horovod's Compression classes."""
+    name = compression if isinstance(compression, str) else getattr(compression, "__name__", "")
+    name = name.lower().removesuffix("compressor")  # Horovod's NoneCompressor, FP16Compressor
+    if name == "none":
+        return hvd.Compression.none
+    if name == "fp16":
+        return hvd.Compression.fp16
+    raise ValueError(
+        f"unknown compression {compression!r}: use Compression.none or Compression.fp16"
+    )
+
+
+def allreduce_gradients(grads: Sequence, compression: Any = "none") -> list:
     """Average gradients across ranks with one grouped allreduce.
 
     Meant for the inside of a (non-XLA) `tf.function`, between computing
     gradients and applying them. At world size 1 it is skipped (nothing to
-    average; it would only cost Horovod's cycle time).
+    average; it would only cost Horovod's cycle time). `None` entries
+    (variables the loss does not reach) stay `None`.
 
     Args:
-        grads: one dense gradient per trainable variable.
-        compression: "none", or "fp16" to send half-precision values.
+        grads: one gradient (dense or IndexedSlices) per trainable variable.
+        compression: `Compression.none`, or `Compression.fp16` to send
+            half-precision values.
     """
+    grads = list(grads)
     if not _active():
-        return list(grads)
+        return grads
     import tensorflow as tf
 
-    grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense: one fused buffer
-    codec = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
-    return list(hvd.grouped_allreduce(grads, op=hvd.Average, compression=codec))
+    present = [i for i, g in enumerate(grads) if g is not None]
+    # IndexedSlices -> dense: one fused buffer (Horovod's sparse_as_dense).
+    dense = [tf.convert_to_tensor(grads[i]) for i in present]
+    reduced = hvd.grouped_allreduce(dense, op=hvd.Average, compression=_codec(compression))
+    for i, g in zip(present, reduced, strict=True):
+        grads[i] = g
+    return grads
+
+
+def allreduce(value: Any, average: bool = True, name: str | None = None) -> Any:
+    """The mean (or with `average=False` the sum) of `value` over ranks.
+
+    Takes a number, a numpy array or a tensor and returns the same kind, so it
+    serves eager code (callbacks, evaluation) as well as graphs.
+    """
+    if not _active():
+        return value
+    import tensorflow as tf
+
+    op = hvd.Average if average else hvd.Sum
+    if tf.is_tensor(value):
+        return hvd.allreduce(value, op=op, name=name)
+    array = np.asarray(value)
+    out = hvd.allreduce(tf.constant(array), op=op, name=name).numpy()
+    return out if array.ndim else out.item()
 
 
 def broadcast_variables(variables: Sequence, root_rank: int = 0) -> None:
@@ -266,139 +343,6 @@ def local_chief_runs(fn: Callable[[], Any], name: str) -> list[Any]:
         if o is not None and o[0] == "error":
             raise UserError(o[1])
     return [o[1] for o in outcomes if o is not None]
-
-
-# --- elastic training ------------------------------------------------------
-#
-# Horovod 0.28.1's elastic helpers do not fit Keras 3 (see docs/elastic.md):
-# TensorFlowKerasState calls `optimizer.variables()` (a list in Keras 3),
-# TensorFlowState broadcasts in its constructor and not in TF2's sync(), and
-# hvd.elastic.run silently swallows the error of a failed grouped allreduce
-# (it only recognises messages naming HorovodAllreduce/Allgather/Broadcast),
-# returning None as if training had finished. So the state object and the
-# error mapping below are the project's own.
-
-
-def _failure(error: Exception) -> Exception:
-    """The exception hvd.elastic.run must see for a TensorFlow error inside it.
-
-    A collective that failed because a peer is gone (Gloo lost the
-    connection, Horovod shut down) becomes HorovodInternalError: restore the
-    last commit, re-form the ranks, go on. Any other UnknownError becomes a
-    RuntimeError, which Horovod's wrapper would otherwise swallow. Other
-    errors (not TensorFlow's) come back unchanged.
-    """
-    import tensorflow as tf
-    from horovod.common.exceptions import HorovodInternalError
-
-    if not isinstance(error, tf.errors.OpError):
-        return error
-    text = str(error)
-    if "horovod" in text.lower() or "gloo" in text.lower():
-        return HorovodInternalError(text)
-    if isinstance(error, tf.errors.UnknownError):
-        return RuntimeError(f"TensorFlow error: {text}")
-    return error
-
-
-def _refresh_world() -> World:
-    """Read rank and size again after Horovod re-formed the ranks (local calls only)."""
-    global _world
-    _world = dataclasses.replace(
-        _world,
-        rank=hvd.rank(),
-        size=hvd.size(),
-        local_rank=hvd.local_rank(),
-        local_size=hvd.local_size(),
-        cross_size=hvd.cross_size(),
-    )
-    return _world
-
-
-def elastic_state(shared: Sequence, local: Sequence, progress: Any) -> Any:
-    """A `horovod.common.elastic.State` for Keras 3 variables and a progress object.
-
-    - `commit()` (every N steps and at epoch ends) keeps host copies of the
-      variables and a deep copy of `progress`, then asks the driver whether
-      hosts changed (one small broadcast, which also finds a lost peer);
-    - `restore()`, after a lost peer, puts the last commit back;
-    - `sync()`, on entry and after every reset, broadcasts `shared` and
-      `progress` from the (new) rank 0.
-
-    Its constructor runs no collective: Horovod forbids collectives outside
-    `run_elastic`. `state.resets` counts the resets this process went through.
-
-    Args:
-        shared: variables every rank must hold alike: trainable weights and
-            optimizer slots (not the dropout seed state, which stays per rank).
-        local: every variable to restore after a failure (a superset of shared).
-        progress: a picklable object (the TrainState), replaced as a whole on
-            restore and sync: read it back as `state.progress` after a reset.
-    """
-    import copy
-
-    from horovod.common.elastic import State
-
-    class KerasElasticState(State):
-        def __init__(self) -> None:
-            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
-            # Keras 3 variables wrap a tf.Variable in `.value`; Horovod and numpy need the latter.
-            self._shared = [getattr(v, "value", v) for v in shared]
-            self._local = [getattr(v, "value", v) for v in local]
-            self.progress = progress
-            self.resets = 0
-            self.save()
-
-        def save(self) -> None:
-            self._saved = [v.numpy() for v in self._local]
-            self._saved_progress = copy.deepcopy(self.progress)
-
-        def restore(self) -> None:
-            for variable, value in zip(self._local, self._saved, strict=True):
-                variable.assign(value)
-            self.progress = copy.deepcopy(self._saved_progress)
-
-        def sync(self) -> None:
-            try:
-                if self._shared:
-                    hvd.broadcast_variables(self._shared, root_rank=0)
-                self.progress = hvd.broadcast_object(
-                    self.progress, root_rank=0, name="elastic_progress"
-                )
-            except Exception as e:  # a peer lost during sync: run_fn resets on this only
-                failure = _failure(e)
-                if failure is e:
-                    raise
-                raise failure from e
-            self.save()
-
-        def reset(self) -> None:
-            # After hvd.shutdown(); hvd.init(): the ranks are re-formed. No collective here.
-            _refresh_world()
-            self.resets += 1
-
-    return KerasElasticState()
-
-
-def run_elastic(fn: Callable[[Any], Any], state: Any) -> Any:
-    """`fn(state)` under hvd.elastic.run: re-entered, from the last commit, after a lost worker.
-
-    `fn` must take rank, size, data shards and anything traced with them
-    afresh on every entry (see `world()`), and end with `state.commit()` so
-    that a peer lost after its last step is still noticed inside.
-    """
-
-    def guarded(state: Any) -> Any:
-        _refresh_world()
-        try:
-            return fn(state)
-        except Exception as e:
-            failure = _failure(e)
-            if failure is e:
-                raise
-            raise failure from e
-
-    return hvd.elastic.run(guarded)(state)
 
 
 def scaled_learning_rate(lr: float, enabled: bool = True) -> float:

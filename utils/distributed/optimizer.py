@@ -1,0 +1,302 @@
+"""`DistributedOptimizer`: Horovod's gradient averaging for any Keras 3 optimizer.
+
+Horovod 0.28.1's `horovod.tensorflow.keras.DistributedOptimizer` hooks
+methods that Keras 3 never calls, so under Keras 3 its gradients are silently
+not averaged. This one hooks `apply()`, which every Keras 3 training step
+calls, and, like Horovod's, returns an optimizer of the wrapped class (a
+subclass made on the fly, with the same name and config), so it saves and
+loads as the plain optimizer.
+
+What `apply(grads, variables)` does, in order:
+
+1. with `backward_passes_per_step=k`, add the gradients into local
+   accumulators; only every k-th call goes on, with the sum (or the mean,
+   `average_aggregated_gradients`) of the k passes;
+2. average across ranks with one grouped allreduce (Horovod);
+3. apply the update of the wrapped optimizer (its clipping, weight decay and
+   schedule run on the averaged gradients, so every rank applies the same).
+
+With `skip_nonfinite=True` (the project's training uses it), a step whose
+averaged gradients hold a NaN or inf changes nothing, on every rank alike
+(the average is NaN on all ranks when it is on one), and
+`optimizer.nonfinite_steps` counts such steps.
+
+Horovod ops have no XLA kernels, so a training step compiled with
+`jit_compile=True` cannot contain step 2: `utils/distributed/train_function.py`
+cuts Keras's train step around it. The three steps are therefore also offered
+as separate functions (`accumulate`, `average`, `apply_averaged`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from utils.distributed import core
+from utils.distributed.core import Compression
+
+_CLASSES: dict[type, type] = {}
+
+
+class _Distributed:
+    """Mixed into a subclass of the wrapped optimizer's class (see `distributed_class`)."""
+
+    # Class-level defaults: an optimizer loaded from a file (`load_model`) has these.
+    _hvd_compression: Any = Compression.none
+    _hvd_passes = 1  # backward_passes_per_step
+    _hvd_average_passes = True  # average_aggregated_gradients
+    _hvd_skip_nonfinite = False
+    _hvd_averaged = False  # True while a step that already averaged calls apply()
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        if self._hvd_passes > 1:
+            self._hvd_accumulators = [
+                self.add_variable_from_reference(v, name="hvd_accumulated_gradient")
+                for v in variables
+            ]
+            self._hvd_pass = self.add_variable((), dtype="int64", name="hvd_backward_pass")
+        if self._hvd_skip_nonfinite:
+            self._hvd_nonfinite = self.add_variable((), dtype="int64", name="hvd_nonfinite_steps")
+
+    def apply(self, grads, trainable_variables=None):
+        if self._hvd_averaged:  # the caller already accumulated and averaged
+            return super().apply(grads, trainable_variables)
+        trainable_variables = _variables(self, trainable_variables)
+        grads, update = accumulate(self, grads)
+        grads = if_update(update, lambda: average(self, grads), grads)
+        apply_averaged(self, self, grads, trainable_variables, update)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped because the averaged gradients were not finite (skip_nonfinite)."""
+        counter = getattr(self, "_hvd_nonfinite", None)
+        return 0 if counter is None else int(counter.numpy())
+
+
+def distributed_class(cls: type) -> type:
+    """`cls` with Horovod averaging mixed in; same name and module, so it serializes as `cls`."""
+    if issubclass(cls, _Distributed):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (_Distributed, cls), {"__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+def DistributedOptimizer(
+    optimizer: keras.optimizers.Optimizer,
+    name: str | None = None,
+    compression: Any = Compression.none,
+    backward_passes_per_step: int = 1,
+    average_aggregated_gradients: bool = True,
+    skip_nonfinite: bool = False,
+) -> keras.optimizers.Optimizer:
+    """A copy of `optimizer` that averages gradients across ranks before every update.
+
+    Horovod's signature (the device and sparse arguments aside: gradients are
+    always sent dense). The result is an instance of `optimizer`'s class,
+    rebuilt from its config like Horovod's; its weight-decay exclusions are
+    kept. Wrap before training: an optimizer that already holds state is
+    refused rather than silently reset.
+
+    Args:
+        optimizer: any Keras 3 optimizer, a `LossScaleOptimizer` included.
+        name: name of the new optimizer (default: the wrapped one's).
+        device_dense, device_sparse, sparse_as_dense: Horovod's; no effect.
+        compression: `Compression.none` or `Compression.fp16` (or Horovod's
+            own `hvd.Compression.*`): how gradients travel between ranks.
+        backward_passes_per_step: local passes whose gradients are added up
+            before one allreduce and one update.
+        average_aggregated_gradients: divide those passes' sum by their number.
+        skip_nonfinite: skip (on every rank) any update whose averaged
+            gradients are not finite, and count it in `nonfinite_steps`.
+    """
+    _install_train_function()
+    if optimizer.built:
+        raise ValueError(
+            "DistributedOptimizer: the optimizer is already built (it holds state that would be "
+            "lost); wrap it before compile/fit"
+        )
+    if backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step must be >= 1; got {backward_passes_per_step}")
+    config = optimizer.get_config()
+    if name:
+        config["name"] = name
+    wrapped = distributed_class(type(optimizer)).from_config(config)
+    for key, value in vars(optimizer).items():  # not in get_config()
+        if key.startswith("_exclude_from_weight_decay"):
+            setattr(wrapped, key, value)
+    wrapped._hvd_compression = compression
+    wrapped._hvd_passes = backward_passes_per_step
+    wrapped._hvd_average_passes = average_aggregated_gradients
+    wrapped._hvd_skip_nonfinite = skip_nonfinite
+    return wrapped
+
+
+def make_distributed(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """Turn `optimizer` itself, state and all, into a DistributedOptimizer (default settings).
+
+    For an optimizer that already holds state, such as one `load_model` read.
+    """
+    _install_train_function()
+    optimizer.__class__ = distributed_class(type(optimizer))
+    return optimizer
+
+
+def _install_train_function() -> None:
+    from utils.distributed import train_function
+
+    train_function.install()
+
+
+def find_distributed(optimizer: Any) -> _Distributed | None:
+    """The DistributedOptimizer in `optimizer` or in the LossScaleOptimizer around it."""
+    while optimizer is not None:
+        if isinstance(optimizer, _Distributed):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+# --- the three steps of a distributed update -----------------------------------
+
+
+def accumulate(dist: _Distributed, grads: Sequence) -> tuple[list, Any]:
+    """Step 1, local (XLA may compile it): backward passes added up.
+
+    Returns the gradients to average and whether this pass ends an update
+    (the Python value True when every pass does).
+    """
+    grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+    if dist._hvd_passes == 1:
+        return grads, True
+    k = dist._hvd_passes
+    count = dist._hvd_pass.value + 1
+    update = tf.equal(count % k, 0)
+    dist._hvd_pass.assign(count)
+    totals = [
+        None if g is None else a.value + tf.cast(g, a.dtype)
+        for a, g in zip(dist._hvd_accumulators, grads, strict=True)
+    ]
+    for a, t in zip(dist._hvd_accumulators, totals, strict=True):
+        if t is not None:  # zero after an update, else the running sum
+            a.assign(tf.where(update, tf.zeros_like(t), t))
+    if dist._hvd_average_passes:
+        totals = [None if t is None else t / k for t in totals]
+    return totals, update
+
+
+def average(dist: _Distributed, grads: Sequence) -> list:
+    """Step 2 (Horovod ops: never inside XLA): the gradients' mean over ranks."""
+    return core.allreduce_gradients(grads, dist._hvd_compression)
+
+
+def apply_averaged(
+    optimizer: keras.optimizers.Optimizer,
+    dist: _Distributed,
+    grads: Sequence,
+    trainable_variables: Sequence,
+    update: Any = True,
+    metric_snapshot: tuple[Sequence, Sequence] | None = None,
+) -> None:
+    """Step 3, local (XLA may compile it): the update of `optimizer` with averaged gradients.
+
+    Args:
+        optimizer: the optimizer the model holds: `dist`, or a
+            LossScaleOptimizer around it (which unscales, checks finiteness
+            and skips non-finite steps itself). Its class's own `apply` runs.
+        dist: the DistributedOptimizer in `optimizer`.
+        grads: averaged gradients.
+        trainable_variables: the variables they belong to.
+        update: whether this pass ends an update (see `accumulate`).
+        metric_snapshot: (metric variables, their values before this step);
+            with skip_nonfinite, a skipped step puts them back, so that it
+            adds to no metric.
+    """
+    update = tf.convert_to_tensor(update)
+    finite = tf.constant(True)
+    if dist._hvd_skip_nonfinite:
+        present = [tf.cast(g, "float32") for g in grads if g is not None]
+        finite = tf.math.is_finite(tf.linalg.global_norm(present))
+
+    def step() -> tf.Tensor:
+        with _averaged(dist):
+            type(optimizer).apply(optimizer, list(grads), list(trainable_variables))
+        return tf.constant(True)
+
+    # A LossScaleOptimizer skips non-finite steps itself (and lowers its scale).
+    self_skipping = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    go = update if self_skipping else tf.logical_and(update, finite)
+    tf.cond(go, step, lambda: tf.constant(False))
+    if dist._hvd_skip_nonfinite:
+
+        def skipped() -> tf.Tensor:
+            dist._hvd_nonfinite.assign_add(1)
+            for variable, value in zip(*(metric_snapshot or ((), ())), strict=True):
+                variable.assign(value)
+            return tf.constant(True)
+
+        tf.cond(tf.logical_and(update, tf.logical_not(finite)), skipped, lambda: tf.constant(False))
+
+
+def averaging_apply(optimizer: keras.optimizers.LossScaleOptimizer, dist: _Distributed):
+    """An `apply` for a LossScaleOptimizer around `dist` that averages before it checks.
+
+    Keras's `compile` wraps the optimizer in a LossScaleOptimizer under a
+    mixed_float16 policy. Left alone, it would check each rank's own
+    gradients for NaN/inf and could skip on one rank but not on another;
+    with this as its `apply`, every rank checks the same averaged gradients.
+    """
+
+    def apply(grads, trainable_variables=None):
+        trainable_variables = _variables(optimizer, trainable_variables)
+        grads, update = accumulate(dist, grads)
+        grads = if_update(update, lambda: average(dist, grads), grads)
+        apply_averaged(optimizer, dist, grads, trainable_variables, update)
+
+    return apply
+
+
+def _variables(optimizer: keras.optimizers.Optimizer, trainable_variables) -> list:
+    """The variables to update; builds the optimizer first (its accumulators must exist)."""
+    if trainable_variables is None:
+        return list(optimizer._trainable_variables)
+    trainable_variables = list(trainable_variables)
+    if not optimizer.built:
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(trainable_variables)
+    return trainable_variables
+
+
+def if_update(condition: Any, fn, otherwise: list) -> list:
+    """fn() where `condition` holds, else `otherwise` (no branch when it is the constant True)."""
+    if condition is True:
+        return fn()
+    present = [i for i, g in enumerate(otherwise) if g is not None]
+
+    def chosen():
+        out = fn()
+        return [out[i] for i in present]
+
+    picked = tf.cond(condition, chosen, lambda: [otherwise[i] for i in present])
+    result = list(otherwise)
+    for i, g in zip(present, picked, strict=True):
+        result[i] = g
+    return result
+
+
+@contextlib.contextmanager
+def _averaged(dist: _Distributed) -> Iterator[None]:
+    """While tracing: `dist.apply` only applies (its gradients are already averaged)."""
+    before = dist._hvd_averaged
+    dist._hvd_averaged = True
+    try:
+        yield
+    finally:
+        dist._hvd_averaged = before
