@@ -71,6 +71,14 @@ def matmul_peak(threads: int, size: int = 2048, seconds: float = 3.0) -> float:
     return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
 
 
+def timing_arguments(parser, warmup: int = 30, steps: int = 40, repeats: int = 5) -> None:
+    """The options every measurement takes: warm-up, block size, blocks, and where the JSON goes."""
+    parser.add_argument("--warmup", type=int, default=warmup, help="steps before timing")
+    parser.add_argument("--steps", type=int, default=steps, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed blocks (median)")
+    parser.add_argument("--out", default="", help="also write the JSON result here")
+
+
 def median_time(
     step: Callable[[], Any], warmup: int, steps: int, repeats: int
 ) -> tuple[float, list[float]]:

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench.common import emit
+from bench.common import emit, timing_arguments
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,10 +26,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", choices=("reference", "tiny", "small"), default="reference")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="")
+    timing_arguments(p)
     return p.parse_args(argv)
 
 

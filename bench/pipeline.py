@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.common import timing_arguments
 from bench.step import model_and_data
 
 
@@ -22,10 +23,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=("reference", "tiny", "small"), default="reference")
     p.add_argument("--batch", type=int, default=0, help="per-rank batch (default: the model's)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="")
+    timing_arguments(p, warmup=50, steps=500)
     return p.parse_args(argv)
 
 

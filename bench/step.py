@@ -26,6 +26,7 @@ from bench.common import (
     flops_per_token,
     matmul_peak,
     median_time,
+    timing_arguments,
 )
 
 
@@ -43,11 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     p.add_argument("--no-horovod", action="store_true", help="run without Horovod at all")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=5)
+    timing_arguments(p)
     p.add_argument("--peak", type=int, default=1, help="also measure the matmul peak")
-    p.add_argument("--out", default="")
     return p.parse_args(argv)
 
 

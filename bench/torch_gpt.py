@@ -24,6 +24,7 @@ from bench.common import (
     emit,
     flops_per_token,
     median_time,
+    timing_arguments,
 )
 
 
@@ -88,10 +89,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--batch", type=int, default=REFERENCE_BATCH)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="")
+    timing_arguments(p)
     return p.parse_args(argv)
 
 
