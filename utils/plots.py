@@ -70,7 +70,8 @@ def plot_runs(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path | None
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
     for index, run_dir in enumerate(run_dirs):
         history = read_history(run_dir)
-        epochs = [e + 1 for e in history["epoch"]]  # CSVLogger counts from 0, the progress bar from 1
+        # CSVLogger counts epochs from 0, the progress bar from 1.
+        epochs = [e + 1 for e in history["epoch"]]
         color = f"C{index}"
         label = run_label(run_dir)
         for ax, (train_key, val_key, title) in zip(axes, PANELS, strict=True):

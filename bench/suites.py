@@ -1,0 +1,287 @@
+"""The suites of `python -m bench`: what each measures, and the table it prints.
+
+Each suite takes the Runner (bench/__main__.py), which runs one measurement
+per process, and returns its rows, its verdict against the target where
+there is one, and a markdown table.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from bench.common import table
+from bench.runner import BIN, Runner
+
+
+def horovod_installed() -> bool:
+    from utils.distributed import horovod_available
+
+    return horovod_available() and (BIN / "horovodrun").exists()
+
+
+def torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def throughput(r: Runner) -> dict[str, Any]:
+    models = ("reference",) if r.quick else ("reference", "tiny", "small")
+    rows = []
+    for model in models:
+        for xla in (1, 0) if model == "reference" and not r.quick else (1,):
+            res = r.run("bench.step", ["--model", model, "--xla", str(xla), "--no-horovod"])
+            rows.append({**res, "path": "one process, all cores"})
+    return {
+        "rows": rows,
+        "table": table(
+            rows,
+            [
+                "model",
+                "parameters",
+                "batch_per_rank",
+                "seq_len",
+                "xla",
+                "threads_per_rank",
+                "ms_per_step",
+                "tokens_per_sec",
+                "matmul_peak_gflops",
+                "model_gflops_per_rank",
+                "mfu",
+            ],
+        ),
+    }
+
+
+def stock_keras(r: Runner) -> dict[str, Any]:
+    """The project's train function against stock Keras, measured alternately, 3 times each:
+    on a shared VM the same command moves by 10-20% from one minute to the next."""
+    trials = 1 if r.quick else 3
+    project, stock = [], []
+    for trial in range(trials):
+        project.append(r.run("bench.step", ["--model", "reference", "--no-horovod"], trial=trial))
+        stock.append(r.run("bench.keras_fit", ["--model", "reference"], trial=trial))
+
+    def median_row(runs: list[dict[str, Any]], stack: str) -> dict[str, Any]:
+        rates = sorted(run["tokens_per_sec"] for run in runs)
+        middle = next(run for run in runs if run["tokens_per_sec"] == rates[len(rates) // 2])
+        shown = ", ".join(f"{rate:,.0f}" for rate in rates)
+        return {**middle, "stack": stack, "tokens_per_sec_each_trial": rates, "trials": shown}
+
+    rows = [
+        median_row(project, "this project: model.fit's train function, DistributedOptimizer"),
+        median_row(stock, stock[0]["stack"]),
+    ]
+    ratio = rows[0]["tokens_per_sec"] / rows[1]["tokens_per_sec"]
+    return {
+        "rows": rows,
+        "project_over_stock": ratio,
+        "target": 0.95,
+        "met": ratio >= 0.95,
+        "table": table(
+            rows,
+            [
+                "stack",
+                "threads_per_rank",
+                "parameters",
+                "ms_per_step",
+                "tokens_per_sec",
+                "trials",
+            ],
+        )
+        + f"\n\nProject / stock Keras tokens/s (medians of {trials} alternating runs): "
+        f"**{ratio:.2f}x** (target >= 0.95x: no slower within 5%)",
+    }
+
+
+def torch_vs_keras(r: Runner) -> dict[str, Any]:
+    keras_rows = [
+        {
+            **r.run("bench.step", ["--model", "reference", "--no-horovod"]),
+            "stack": "this project (Keras 3, XLA, float32)",
+        },
+        {
+            **r.run(
+                "bench.step",
+                ["--model", "reference", "--no-horovod", "--precision", "mixed_bfloat16"],
+            ),
+            "stack": "this project (Keras 3, XLA, mixed bfloat16)",
+        },
+    ]
+    rows, ratio = list(keras_rows), None
+    if torch_installed():
+        torch_row = r.run("bench.torch_gpt", [])
+        rows.append({**torch_row, "stack": torch_row["framework"] + ", float32"})
+        for row in keras_rows:
+            row["vs_pytorch"] = row["tokens_per_sec"] / torch_row["tokens_per_sec"]
+        ratio = keras_rows[0]["vs_pytorch"]  # like for like: float32 against float32
+    else:
+        print("[bench] torch not installed: pip install -e '.[bench]'", file=sys.stderr)
+    for row in rows:
+        row["threads"] = row.get("threads", row.get("threads_per_rank"))
+    summary = ""
+    if ratio is not None:
+        summary = (
+            f"\n\nKeras float32 / PyTorch tokens/s: **{ratio:.2f}x** (target >= 1.2x); "
+            f"with mixed bfloat16: **{keras_rows[1]['vs_pytorch']:.2f}x**"
+        )
+    return {
+        "rows": rows,
+        "keras_over_torch": ratio,
+        "target": 1.2,
+        "met": ratio is not None and ratio >= 1.2,
+        "table": table(
+            rows, ["stack", "threads", "parameters", "ms_per_step", "tokens_per_sec", "vs_pytorch"]
+        )
+        + summary,
+    }
+
+
+def overhead(r: Runner) -> dict[str, Any]:
+    plain = r.run("bench.step", ["--model", "reference", "--no-horovod"])
+    rows = [{**plain, "path": "python (no Horovod)"}]
+    if horovod_installed():
+        hvd1 = r.run("bench.step", ["--model", "reference"], np=1)
+        rows.append({**hvd1, "path": "horovodrun -np 1"})
+        cost = hvd1["ms_per_step"] / plain["ms_per_step"] - 1
+    else:
+        cost = None
+    return {
+        "rows": rows,
+        "overhead": cost,
+        "target": 0.03,
+        "met": cost is not None and cost <= 0.03,
+        "table": table(
+            rows, ["path", "threads_per_rank", "allreduce_skipped", "ms_per_step", "tokens_per_sec"]
+        )
+        + (
+            f"\n\nHorovod overhead at np=1: **{cost:+.1%}** (target <= 3%)"
+            if cost is not None
+            else ""
+        ),
+    }
+
+
+def scaling(r: Runner) -> dict[str, Any]:
+    if not horovod_installed():
+        return {"rows": [], "table": "(Horovod not installed)"}
+    one = r.run("bench.step", ["--model", "reference", "--threads", "1"], np=1)
+    two = r.run("bench.step", ["--model", "reference", "--threads", "1"], np=2)
+    both = r.run("bench.step", ["--model", "reference", "--no-horovod"])
+    rows = [
+        {**one, "run": "np=1 x 1 thread"},
+        {**two, "run": "np=2 x 1 thread"},
+        {**both, "run": "1 process x 2 threads"},
+    ]
+    efficiency = two["tokens_per_sec"] / one["tokens_per_sec"] / 2
+    versus_both = two["tokens_per_sec"] / both["tokens_per_sec"]
+    return {
+        "rows": rows,
+        "efficiency": efficiency,
+        "np2_over_one_process_two_threads": versus_both,
+        "target": 0.9,
+        "met": efficiency >= 0.9,
+        "table": table(
+            rows,
+            [
+                "run",
+                "world_size",
+                "threads_per_rank",
+                "batch_per_rank",
+                "allreduce_skipped",
+                "ms_per_step",
+                "tokens_per_sec",
+            ],
+        )
+        + f"\n\nScaling efficiency np=2 vs np=1 (1 thread each): **{efficiency:.1%}** "
+        f"(target >= 90%); np=2 x 1 thread vs one process x 2 threads: **{versus_both:.2f}x**",
+    }
+
+
+def pipeline(r: Runner) -> dict[str, Any]:
+    rows = []
+    for model in ("reference",) if r.quick else ("reference", "small"):
+        feed = r.run("bench.pipeline", ["--model", model])
+        train = r.run("bench.step", ["--model", model, "--no-horovod"])
+        rows.append(
+            {
+                "model": model,
+                "pipeline_tokens_per_sec": feed["tokens_per_sec"],
+                "training_tokens_per_sec": train["tokens_per_sec"],
+                "ratio": feed["tokens_per_sec"] / train["tokens_per_sec"],
+                "command": feed["command"],
+            }
+        )
+    return {
+        "rows": rows,
+        "target": 20,
+        "met": all(row["ratio"] >= 20 for row in rows),
+        "table": table(
+            rows, ["model", "pipeline_tokens_per_sec", "training_tokens_per_sec", "ratio"]
+        ),
+    }
+
+
+def options(r: Runner) -> dict[str, Any]:
+    if not horovod_installed():
+        return {"rows": [], "table": "(Horovod not installed)"}
+    ref = ["--model", "reference", "--threads", "1"]
+    variants: list[tuple[str, list[str], dict[str, str]]] = [
+        ("baseline (XLA, fp32, no compression)", [], {}),
+        ("fp16 compression", ["--compression", "fp16"], {}),
+        ("accumulate 2 micro-batches", ["--accumulate", "2"], {}),
+    ]
+    if not r.quick:
+        variants += [
+            ("accumulate 4 micro-batches", ["--accumulate", "4"], {}),
+            ("no fusion (HOROVOD_FUSION_THRESHOLD=0)", [], {"HOROVOD_FUSION_THRESHOLD": "0"}),
+            ("cycle time 0.1 ms", [], {"HOROVOD_CYCLE_TIME": "0.1"}),
+            ("cycle time 5 ms", [], {"HOROVOD_CYCLE_TIME": "5"}),
+            ("no XLA", ["--xla", "0"], {}),
+            ("mixed bfloat16", ["--precision", "mixed_bfloat16"], {}),
+        ]
+    rows = []
+    for name, args, env in variants:
+        two = r.run("bench.step", [*ref, *args], np=2, env=env)
+        # np=1 skips the allreduce: communication options change nothing there.
+        compute_args = [a for a in args if a not in ("--compression", "fp16")]
+        one = r.run("bench.step", [*ref, *compute_args], np=1)
+        rows.append(
+            {
+                "option": name,
+                "np2_ms_per_step": two["ms_per_step"],
+                "np2_tokens_per_sec": two["tokens_per_sec"],
+                "np1_tokens_per_sec": one["tokens_per_sec"],
+                "efficiency": two["tokens_per_sec"] / one["tokens_per_sec"] / 2,
+                "command": two["command"],
+            }
+        )
+    base = rows[0]["np2_tokens_per_sec"]
+    for row in rows:
+        row["np2_vs_baseline"] = row["np2_tokens_per_sec"] / base
+    return {
+        "rows": rows,
+        "table": table(
+            rows,
+            [
+                "option",
+                "np2_ms_per_step",
+                "np2_tokens_per_sec",
+                "np2_vs_baseline",
+                "np1_tokens_per_sec",
+                "efficiency",
+            ],
+        ),
+    }
+
+
+SUITE_FUNCTIONS = {
+    "throughput": throughput,
+    "keras": stock_keras,
+    "torch": torch_vs_keras,
+    "overhead": overhead,
+    "scaling": scaling,
+    "pipeline": pipeline,
+    "options": options,
+}
