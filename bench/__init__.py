@@ -2,3 +2,5 @@
 
 python -m bench --help
 """
+
+import utils  # noqa: F401  (TensorFlow's CPU defaults, before TensorFlow is imported)

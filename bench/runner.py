@@ -40,11 +40,16 @@ class Runner:
         np: int = 0,
         env: dict[str, str] | None = None,
         trial: int = 0,
+        copies: int = 1,
     ) -> dict[str, Any]:
         """`python -m module args` (under `horovodrun -np np` when np > 0); its JSON result.
 
-        The same command runs once per suite run (later calls reuse its result),
-        unless `trial` asks for another measurement of it.
+        `copies` > 1 starts that many identical processes at once, which do not
+        communicate; the result is the first one's, with their summed
+        `tokens_per_sec` (the baseline that isolates Horovod's communication
+        from processes sharing the cores). The same command runs once per suite
+        run (later calls reuse its result), unless `trial` asks for another
+        measurement of it.
         """
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
@@ -59,25 +64,37 @@ class Runner:
                 + ["horovodrun"] * bool(np)
                 + launcher[1:]
                 + ["python", "-m", module, *args]
-            )
+            ) + (f" (x{copies} at once)" if copies > 1 else "")
             key = f"{shown} #{trial}"
             if key in self.cache:
                 return self.cache[key]
             print(f"[bench] {shown}", file=sys.stderr, flush=True)
             started = time.perf_counter()
-            proc = subprocess.run(
-                command,
-                cwd=ROOT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            if proc.returncode != 0 or not os.path.exists(out):
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"[bench] failed ({proc.returncode}): {shown}")
-            with open(out) as f:
-                result = json.load(f)
+            outs = [out] + [os.path.join(tmp, f"result{i}.json") for i in range(1, copies)]
+            procs = [
+                subprocess.Popen(
+                    [*command[:-1], path],
+                    cwd=ROOT,
+                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for path in outs
+            ]
+            results = []
+            for proc, path in zip(procs, outs, strict=True):
+                stdout, stderr = proc.communicate(timeout=1800)
+                if proc.returncode != 0 or not os.path.exists(path):
+                    sys.stderr.write(stdout[-3000:] + stderr[-3000:])
+                    raise SystemExit(f"[bench] failed ({proc.returncode}): {shown}")
+                with open(path) as f:
+                    results.append(json.load(f))
+            result = results[0]
+            if copies > 1:
+                result["copies"] = copies
+                result["tokens_per_sec_each"] = [r["tokens_per_sec"] for r in results]
+                result["tokens_per_sec"] = sum(result["tokens_per_sec_each"])
         result["command"] = shown
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
         self.cache[key] = result

@@ -24,7 +24,7 @@ from bench.common import (
     char_tokens,
     emit,
     flops_per_token,
-    matmul_peak,
+    matmul_peaks,
     median_time,
     timing_arguments,
 )
@@ -67,17 +67,14 @@ def model_and_data(name: str, batch: int):
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    from utils import distributed
-
-    world = distributed.init(threads=args.threads, use_horovod=False if args.no_horovod else None)
+def setup(args: argparse.Namespace, world):
+    """(model, model config, per-rank batch, step): `step()` runs one update as fit does."""
     import keras
 
     from data.load import Windows
-    from models.transformer import count_params
     from tasks import Task
     from train import compile_model
+    from utils import distributed
     from utils.config import Config, TrainConfig
 
     if args.precision != "float32":
@@ -107,6 +104,28 @@ def main(argv: list[str] | None = None) -> dict:
             logs = model.train_function(iterator)
         float(logs["loss"])  # wait for the step to finish
 
+    return model, model_cfg, batch, step
+
+
+def build_step(model: str = "reference", xla: bool = True):
+    """(step, description) for one process without Horovod: what bench/profile.py records."""
+    from utils import distributed
+
+    args = parse(["--model", model, "--xla", str(int(xla)), "--no-horovod"])
+    world = distributed.init(threads=0, use_horovod=False)
+    _, cfg, batch, step = setup(args, world)
+    return step, f"{model} (batch {batch} x {cfg.seq_len}, XLA {'on' if xla else 'off'})"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    from utils import distributed
+
+    world = distributed.init(threads=args.threads, use_horovod=False if args.no_horovod else None)
+    from models.transformer import count_params
+
+    model, model_cfg, batch, step = setup(args, world)
+
     seconds, blocks = median_time(step, args.warmup, args.steps, args.repeats)
     tokens_per_step = batch * args.accumulate * model_cfg.seq_len * world.size
     params = count_params(model)
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         "allreduce_skipped": not (world.horovod and world.size > 1),
         "batch_per_rank": batch,
         "seq_len": model_cfg.seq_len,
-        "vocab": vocab,
+        "vocab": model.vocabulary_size,
         "parameters": params,
         "xla": bool(args.xla),
         "compression": args.compression,
@@ -138,10 +157,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.peak and world.is_chief:
         # Per rank: the model FLOPs this rank does per second, over the peak of its own threads.
-        peak = matmul_peak(world.intra_op_threads)
+        # The peak is the higher of TensorFlow's and XLA's matmul on the same threads.
+        peaks = matmul_peaks()
+        peak = max(peaks.values())
         per_rank = result["flops_per_token"] * result["tokens_per_sec"] / world.size / 1e9
         result.update(
-            {"matmul_peak_gflops": peak, "model_gflops_per_rank": per_rank, "mfu": per_rank / peak}
+            {
+                "matmul_peak_gflops": peak,
+                "matmul_peak_by_path": peaks,
+                "model_gflops_per_rank": per_rank,
+                "mfu": per_rank / peak,
+            }
         )
     if world.is_chief:
         emit(result, args.out)

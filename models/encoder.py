@@ -16,6 +16,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from models import dropout
 from models.transformer import _init
 from utils.config import ModelConfig
 
@@ -107,6 +108,7 @@ class EncoderBackbone(keras.Model):
 
 
 def build_backbone(config: ModelConfig, vocabulary_size: int) -> EncoderBackbone:
+    dropout.use(config.dropout_masks)
     return EncoderBackbone(
         vocabulary_size=vocabulary_size,
         num_layers=config.n_layers,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import keras
 import keras_hub
 
+from models import dropout
 from utils.config import ModelConfig
 
 
@@ -118,6 +119,7 @@ class CausalTransformer(keras.Model):
 
 def build_causal_lm(config: ModelConfig, vocabulary_size: int) -> CausalTransformer:
     """The causal LM described by the `model` section of a run's config."""
+    dropout.use(config.dropout_masks)
     return CausalTransformer(
         vocabulary_size=vocabulary_size,
         num_layers=config.n_layers,

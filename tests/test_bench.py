@@ -40,8 +40,11 @@ def test_every_suite_runs_and_reports(quick_bench):
             rates = [v for k, v in row.items() if k.endswith("tokens_per_sec")]
             assert rates and all(v > 0 for v in rates), row
     scaling = json.loads((quick_bench / "scaling.json").read_text())
-    assert [row["world_size"] for row in scaling["rows"]] == [1, 2, 1]
+    assert [row["world_size"] for row in scaling["rows"]] == [1, 2, 1, 1]
     assert scaling["rows"][1]["allreduce_skipped"] is False  # np=2 really averages
+    apart = scaling["rows"][2]  # the baseline: two processes at once, no communication
+    assert apart["copies"] == 2 and apart["horovod"] is False
+    assert len(apart["tokens_per_sec_each"]) == 2 and min(apart["tokens_per_sec_each"]) > 0
     keras_rows = json.loads((quick_bench / "keras.json").read_text())["rows"]
     assert keras_rows[0]["parameters"] == keras_rows[1]["parameters"]  # the same model
     throughput = json.loads((quick_bench / "throughput.json").read_text())
@@ -58,3 +61,19 @@ def test_the_pytorch_reference_is_the_same_model(quick_bench):
     assert len(torch["rows"]) == 4  # Keras float32 and bfloat16, torch eager and compiled
     assert "torch.compile" in torch["rows"][3]["framework"]
     assert {row["parameters"] for row in torch["rows"]} == {torch["rows"][0]["parameters"]}
+
+
+def test_profile_reads_the_kernels_from_the_trace():
+    result = subprocess.run(
+        [PYTHON, "-m", "bench.profile", "--model", "reference", "--steps", "3", "--top", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **CHILD_ENV},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    dot = next(line for line in lines if line.strip().endswith(" dot"))
+    assert float(dot.split()[0]) > 0  # the matrix products were found in the trace, with a time
+    assert any("costliest kernels" in line for line in lines)

@@ -71,6 +71,12 @@ class ModelConfig:
     d_ff: int = _opt(512, "width of the feed-forward layer in each block")
     seq_len: int = _opt(64, "context length in tokens (training windows are seq_len + 1)")
     dropout: float = _opt(0.1, "dropout rate in embeddings, attention and feed-forward")
+    dropout_masks: str = _opt(
+        "keras",
+        "how dropout masks are drawn: keras (Philox) or hash (a counter hash XLA fuses, "
+        "about 60x cheaper on a CPU; docs/performance.md)",
+        ("keras", "hash"),
+    )
 
 
 @dataclass
