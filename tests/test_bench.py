@@ -14,18 +14,24 @@ pytestmark = [requires_horovod, pytest.mark.slow]
 SUITES = ("throughput", "keras", "torch", "overhead", "scaling", "pipeline", "options")
 
 
-@pytest.fixture(scope="module")
-def quick_bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+def run_module(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`python -m args...` from the repository root; asserts that it succeeded."""
     result = subprocess.run(
-        [PYTHON, "-m", "bench", "--quick", "--out", str(out)],
+        [PYTHON, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=timeout,
         env={**os.environ, **CHILD_ENV},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run_module("bench", "--quick", "--out", str(out), timeout=1200)
     return out
 
 
@@ -64,15 +70,9 @@ def test_the_pytorch_reference_is_the_same_model(quick_bench):
 
 
 def test_profile_reads_the_kernels_from_the_trace():
-    result = subprocess.run(
-        [PYTHON, "-m", "bench.profile", "--model", "reference", "--steps", "3", "--top", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **CHILD_ENV},
+    result = run_module(
+        "bench.profile", "--model", "reference", "--steps", "3", "--top", "3", timeout=600
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     dot = next(line for line in lines if line.strip().endswith(" dot"))
     assert float(dot.split()[0]) > 0  # the matrix products were found in the trace, with a time
