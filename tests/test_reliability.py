@@ -144,7 +144,10 @@ def test_a_dead_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0, output[-3000:]
-    assert "another rank stopped" in output, output[-3000:]
+    # The survivor says why in one line, unless horovodrun's SIGTERM beats it to
+    # it; then horovodrun's own report names rank 1. Never a worker's traceback.
+    assert "another rank stopped" in output or "Process name: 1" in output, output[-3000:]
+    assert "[0]<stderr>:Traceback" not in output, output[-3000:]
     # The newest checkpoint is whole: a single process finishes the run from it.
     resumed = run_cli("--run-dir", str(run_dir), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

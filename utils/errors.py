@@ -43,6 +43,22 @@ def exit_with_user_error(error: UserError, prog: str = "main.py") -> None:
     raise SystemExit(EXIT_USER_ERROR)
 
 
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether `error` means a collective failed because another rank is gone.
+
+    Horovod reports it two ways, depending on which thread notices first:
+    its own "Horovod has been shut down" (HorovodInternalError), or the
+    TensorFlow op error of the collective carrying Gloo's text ("Read error
+    ... Connection reset by peer", "Connection closed by peer"). Both count.
+    Decided from the class names, so this module need not import TensorFlow.
+    """
+    text = str(error)
+    if "Horovod has been shut down" in text or type(error).__name__ == "HorovodInternalError":
+        return True
+    is_op_error = any(cls.__name__ == "OpError" for cls in type(error).__mro__)
+    return is_op_error and ("horovod" in text.lower() or "gloo" in text.lower())
+
+
 def exit_on_known_failure(error: BaseException, prog: str = "main.py") -> None:
     """End a run that failed for a known reason with one line, not a traceback.
 
@@ -52,7 +68,7 @@ def exit_on_known_failure(error: BaseException, prog: str = "main.py") -> None:
     surviving rank says so, the failing rank's own error is printed above;
     exit 1). Anything else returns, for the caller to re-raise.
     """
-    name, text = type(error).__name__, str(error)
+    text = str(error)
     if isinstance(error, NonFiniteLoss):
         if launcher_rank() == 0:
             print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
@@ -71,7 +87,7 @@ def exit_on_known_failure(error: BaseException, prog: str = "main.py") -> None:
                 flush=True,
             )
         raise SystemExit(EXIT_USER_ERROR)
-    if "Horovod has been shut down" in text or name == "HorovodInternalError":
+    if is_lost_peer(error):
         print(
             f"{prog}: error (rank {launcher_rank()}): another rank stopped (it failed, was killed or lost its "
             "connection), so Horovod shut down here too; the first error above is the cause. "

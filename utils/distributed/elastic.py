@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from utils.distributed import core
+from utils.errors import is_lost_peer
 
 
 def _failure(error: Exception) -> Exception:
@@ -37,7 +38,7 @@ def _failure(error: Exception) -> Exception:
     if not isinstance(error, tf.errors.OpError):
         return error
     text = str(error)
-    if "horovod" in text.lower() or "gloo" in text.lower():
+    if is_lost_peer(error):
         return HorovodInternalError(text)
     if isinstance(error, tf.errors.UnknownError):
         return RuntimeError(f"TensorFlow error: {text}")
