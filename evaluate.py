@@ -23,6 +23,7 @@ divided. Rank 0 prints the table and merges it into metrics.json.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 from typing import Any
@@ -351,8 +352,8 @@ def run_data(task, saved: dict[str, Any], rd, data: str | None):
     return prepared
 
 
-def run(run_dir: pathlib.Path, split: str = "test", data: str | None = None) -> dict[str, Any]:
-    """`main.py evaluate`: evaluate the run in `run_dir` on a split of its data (or of --data)."""
+def load_for_evaluation(run_dir: pathlib.Path, data: str | None = None):
+    """(the loaded run, its task with data, its RunDir), on every rank: what `run` evaluates."""
     from utils.config import Config, apply_nested
     from utils.run_dir import RunDir
 
@@ -373,10 +374,73 @@ def run(run_dir: pathlib.Path, split: str = "test", data: str | None = None) -> 
         raise UserError(
             f"{run_dir}: tokenizer.model differs from the one of the data in {task.prepared.dir}"
         )
+    return loaded, task, rd
+
+
+def run(run_dir: pathlib.Path, split: str = "test", data: str | None = None) -> dict[str, Any]:
+    """`main.py evaluate`: evaluate the run in `run_dir` on a split of its data (or of --data)."""
+    from utils import distributed
+
+    loaded, task, rd = load_for_evaluation(run_dir, data)
     results = evaluate_split(task, loaded.model, loaded.tokenizer, split)
     if distributed.is_chief():
         record(results, rd, task)
     return results
+
+
+def quality(task, model, split: str) -> dict[str, float]:
+    """The figures a quantized model is judged by: perplexity and accuracy, or accuracy and macro-F1."""
+    shards = task.shards(split)
+    xla = task.config.train.xla
+    if task.name == "causal_lm":
+        m = language_model_metrics(task, model, shards, xla)
+        return {"perplexity": m["perplexity"], "accuracy": m["accuracy"]}
+    m = classification_report(task, model, shards, xla)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+
+def compare_quantized(
+    run_dir: pathlib.Path, mode: str, split: str = "test", data: str | None = None
+) -> dict[str, Any]:
+    """`main.py evaluate --quantize MODE`: float32 and MODE side by side.
+
+    Quality on `split` (every rank, exact under Horovod), the weights' bytes
+    in a .weights.h5 file, and the latency of one model call at batch 1 and
+    32 (serving/measure.py). Rank 0 prints the table and merges it into the
+    run's quantization.json under "<split>_<mode>".
+    """
+    from serving.measure import (
+        copy_model,
+        describe_machine,
+        format_comparison,
+        latency,
+        weight_bytes,
+    )
+    from serving.quantize import quantize_model
+    from utils import distributed
+    from utils.io import atomic_write_json
+
+    loaded, task, rd = load_for_evaluation(run_dir, data)
+    if task.name == "mlm":
+        raise UserError(f"{rd.path}: --quantize compares causal_lm and classify runs, not mlm")
+    models = {"float32": loaded.model, mode: copy_model(loaded.model)}
+    result: dict[str, Any] = {"split": split}
+    result["quantized_layers"] = quantize_model(models[mode], mode)
+    speed = latency(models, task.config.model.seq_len)
+    for name, model in models.items():
+        result[name] = {
+            **quality(task, model, split),
+            "weight_bytes": weight_bytes(model),
+            **speed[name],
+        }
+    result.update(describe_machine())
+    if distributed.is_chief():
+        print(format_comparison(result, mode), flush=True)
+        path = rd.path / "quantization.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        atomic_write_json(path, {**saved, f"{split}_{mode}": result})
+        print(f"written: {path}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,10 @@
     python main.py --task classify --init-from runs/mlm              # fine-tune on labelled text
     python main.py predict --run-dir runs/cls --text "Parse an email message."
     python main.py prepare --data corpus/       # prepare the data only
+    python main.py export --run-dir runs/exp1 --quantize int8   # SavedModel taking raw strings
+    python main.py serve --export DIR --model-name lm   # TF Serving's REST API on port 8501
 
-Commands: train (the default), evaluate, generate, predict, prepare.
+Commands: train (the default), evaluate, generate, predict, prepare, serve, export.
 `python main.py CMD --help` lists every option with its default. Bad input
 ends with one line naming the problem and exit code 2.
 """
@@ -90,7 +92,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
 
     from utils import distributed
 
-    world = distributed.init(threads=config.train.threads, elastic=config.train.elastic)
+    if config.parallel.tensor > 1:  # the process sets must exist when Horovod starts
+        distributed.tensor_parallel.init(config.parallel.tensor, config.train.threads)
+        world = distributed.world()
+    else:
+        world = distributed.init(threads=config.train.threads, elastic=config.train.elastic)
     if config.train.elastic and not world.elastic:
         distributed.print0(
             "note: --elastic: not started by horovodrun in elastic mode (--min-np or "
@@ -148,6 +154,9 @@ def resume_config(run_dir, args: argparse.Namespace) -> Config:
     saved = run_dir.read_config()["config"]
     config = Config()
     apply_nested(config, saved, f"{run_dir.config}")
+    # The layout is not part of the run (checkpoints hold the full model): it is this
+    # launch's, parallel.tensor=1 unless the command line sets it.
+    config.parallel.tensor = 1
     for dotted, value in overrides_from_args(args).items():
         section, _, key = dotted.partition(".")
         set_value(config, section, key, value, "command line")
@@ -192,6 +201,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from serving.export import export_run
+
+    print(f"exported: {export_run(args.run_dir, args.out, args.quantize)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from serving.server import serve
+
+    serve(
+        args.export,
+        args.model_name,
+        args.host,
+        args.port,
+        args.max_batch,
+        args.batch_timeout_ms,
+        args.max_queue,
+        args.max_request_bytes,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -203,9 +233,18 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "evaluate":
             import evaluate
 
-            evaluate.run(pathlib.Path(args.run_dir), args.split, args.data)
+            if args.quantize:
+                evaluate.compare_quantized(
+                    pathlib.Path(args.run_dir), args.quantize, args.split, args.data
+                )
+            else:
+                evaluate.run(pathlib.Path(args.run_dir), args.split, args.data)
         elif command == "generate":
             cmd_generate(args)
+        elif command == "serve":
+            cmd_serve(args)
+        elif command == "export":
+            cmd_export(args)
         else:
             cmd_predict(args)
     except UserError as e:

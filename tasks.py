@@ -68,13 +68,12 @@ class Task:
         return prepare(self.config.data, progress=progress, log=log, tokenizer=tokenizer)
 
     def shards(self, split: str) -> Shards:
-        w = distributed.world()
         return Windows(
             self.prepared.tokens(split),
             self.config.model.seq_len,
             self.rows_per_step(split),
-            w.rank,
-            w.size,
+            distributed.data_rank(),
+            distributed.data_size(),
         )
 
     def rows_per_step(self, split: str) -> int:
@@ -235,7 +234,6 @@ class Classify(Task):
     def shards(self, split: str) -> Shards:
         from data.labeled import documents
 
-        w = distributed.world()
         ids, offsets, labels = documents(self.prepared, split)
         return Documents(
             ids,
@@ -243,8 +241,8 @@ class Classify(Task):
             labels,
             self.config.model.seq_len,
             self.rows_per_step(split),
-            w.rank,
-            w.size,
+            distributed.data_rank(),
+            distributed.data_size(),
         )
 
     def check_sizes(self) -> None:

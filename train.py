@@ -15,6 +15,11 @@ identical; with XLA the allreduce sits between the compiled gradient and
 update functions (utils/distributed/train_function.py). Metrics are summed
 across ranks before dividing. Rank 0 alone shows progress and writes
 history, checkpoints, TensorBoard logs and the model.
+
+With --parallel.tensor=T > 1 (docs/parallelism.md), each rank trains its
+shard of the full model (`shard_model`), gradients are averaged within its
+data-parallel group, and checkpoints, best.keras and model.keras hold the
+full model gathered from the shards (`ShardedState`).
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ import keras
 import numpy as np
 
 from data.load import Shards, resume_step
+from models.tensor_parallel import ShardedState, build_shard
 from models.transformer import count_params
 from tasks import Task
 from utils import checkpoint, distributed
-from utils.callbacks import AtomicModelCheckpoint, NonFiniteGuard, Progress, TrainingProgress
-from utils.config import TrainConfig
+from utils.callbacks import (
+    AtomicModelCheckpoint,
+    GatheredModelCheckpoint,
+    NonFiniteGuard,
+    Progress,
+    TrainingProgress,
+)
+from utils.config import TrainConfig, parallel_layout
 from utils.errors import UserError
 from utils.run_dir import RunDir
 from utils.schedules import WarmupDecay
@@ -73,22 +85,31 @@ def build_optimizer(
 
 
 def compile_model(
-    task: Task, model: keras.Model, cfg: TrainConfig, peak_lr: float, total_steps: int
+    task: Task,
+    model: keras.Model,
+    cfg: TrainConfig,
+    peak_lr: float,
+    total_steps: int,
+    group: distributed.ProcessGroup | None = None,
+    xla: bool | None = None,
 ) -> None:
     """Compile `model` for `task` with the DistributedOptimizer, and build the optimizer.
 
     Gradient accumulation is Horovod's `backward_passes_per_step`: the
     gradients of `accumulate_steps` batches are added up locally and
     averaged across ranks once. Non-finite steps are skipped on every rank
-    (NonFiniteGuard then stops or warns).
+    (NonFiniteGuard then stops or warns). `group`: average over these ranks
+    only (tensor parallelism's data-parallel group); `xla`: instead of train.xla.
     """
     optimizer = distributed.DistributedOptimizer(
         build_optimizer(cfg, peak_lr, total_steps),
         compression=cfg.compression,
         backward_passes_per_step=cfg.accumulate_steps,
         skip_nonfinite=True,
+        group=group,
     )
-    model.compile(optimizer=optimizer, jit_compile=cfg.xla, **task.compile_args())
+    xla = cfg.xla if xla is None else xla
+    model.compile(optimizer=optimizer, jit_compile=xla, **task.compile_args())
     model.optimizer.build(model.trainable_variables)
 
 
@@ -105,6 +126,7 @@ def fit(
     run_dir: RunDir | None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     savers: Sequence = (),
+    sharded: ShardedState | None = None,
 ) -> TrainingProgress:
     """`model.fit` from `progress` to the end of the run (epochs, max_steps or early stop).
 
@@ -118,6 +140,9 @@ def fit(
         run_dir: where rank 0 writes (None: nowhere, for tests).
         callbacks: more Keras callbacks, after the project's.
         savers: more (every N steps, function of the progress), e.g. elastic commits.
+        sharded: tensor parallelism: `model` is this rank's shard of `sharded.full`;
+            checkpoints and best.keras hold the full model, gathered from the
+            shards (every rank takes part, rank 0 writes).
 
     Returns:
         The TrainingProgress callback: its `progress` and `last_logs`.
@@ -136,14 +161,18 @@ def fit(
         run_dir.truncate_history(progress.epoch)  # an interrupted epoch's row is written again
 
     def save_checkpoint(p: Progress) -> None:
+        saved, best = model, p.best_weights
+        if sharded is not None:  # collectives: every rank, before rank 0 writes
+            saved = sharded.gather()
+            best = sharded.full_weights(best) if best else None
         if run_dir is not None and chief:
             checkpoint.save(
                 run_dir.checkpoints,
                 p.global_step,
-                model.variables + list(model.optimizer.variables),
+                saved.variables + list(saved.optimizer.variables),
                 p.to_dict(),
                 t.keep_checkpoints,
-                arrays=p.best_weights or (),
+                arrays=best or (),
             )
 
     early_stopping = best_model = None
@@ -172,7 +201,8 @@ def fit(
     )
     verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
     everyone = [
-        distributed.callbacks.BroadcastGlobalVariablesCallback(0),
+        # Tensor parallelism: the shards start from the full model broadcast before sharding.
+        *([distributed.callbacks.BroadcastGlobalVariablesCallback(0)] if sharded is None else []),
         distributed.callbacks.MetricAverageCallback(),
         # Rank 0's progress bar, here: it shows the exact metrics, not the figures added next.
         *([keras.callbacks.ProgbarLogger()] if verbose else []),
@@ -181,6 +211,17 @@ def fit(
         *([early_stopping] if early_stopping else []),
     ]
     rank0 = []
+    if run_dir is not None and sharded is not None and early_stopping is not None:
+        best_model = GatheredModelCheckpoint(
+            run_dir.best_model,
+            sharded.gather,
+            chief,
+            monitor=task.monitor,
+            mode=task.monitor_mode,
+            save_best_only=True,
+        )
+        tracker.best_checkpoint = best_model
+        everyone.append(best_model)
     if run_dir is not None and chief:
         rank0.append(keras.callbacks.CSVLogger(str(run_dir.history), append=True))
         if t.tensorboard:
@@ -189,7 +230,7 @@ def fit(
                     str(run_dir.tensorboard), update_freq=t.log_every, write_graph=False
                 )
             )
-        if early_stopping is not None:
+        if early_stopping is not None and sharded is None:
             best_model = AtomicModelCheckpoint(
                 run_dir.best_model,
                 monitor=task.monitor,
@@ -280,13 +321,18 @@ def run_training(
     config, prepared = task.config, task.prepared
     t = config.train
     world = distributed.world()
+    tensor = distributed.tensor_size()
+    if tensor > 1 and t.xla:
+        # Horovod ops have no XLA kernels, and the shard's forward pass holds them.
+        # (The config keeps train.xla: evaluation of the gathered model still uses it.)
+        distributed.print0(f"note: parallel.tensor={tensor}: the shards train without XLA")
     # Ranks seed differently: their initial weights differ until rank 0's are
     # broadcast (which the tests check), and their dropout masks stay different.
     keras.utils.set_random_seed(t.seed + world.rank)
     train = task.shards("train")
     steps = steps_per_epoch(task, train)
     total_steps = min(t.epochs * steps, t.max_steps or t.epochs * steps)
-    # Horovod: the global batch is batch_size x ranks, so the learning rate scales with it.
+    # Horovod: the global batch is batch_size x replicas, so the learning rate scales with it.
     peak_lr = distributed.scaled_learning_rate(t.lr, t.scale_lr)
 
     keras.mixed_precision.set_global_policy(t.precision)
@@ -298,18 +344,22 @@ def run_training(
         if t.init_from:
             init_from(model, t.init_from)
         progress = Progress()
+    full, sharded = model, None
+    if tensor > 1:
+        model, sharded = shard_model(task, full, progress, peak_lr, total_steps)
     if distributed.is_chief():
         run_dir.write_config(
             {
                 **record,
                 "config": config.to_dict(),
                 "world": distributed.describe(),
-                "batch_size_per_rank": t.batch_size,
+                "parallel": parallel_layout(config.parallel, world.size),
+                "batch_size_per_rank": t.batch_size,  # per data-parallel replica
                 "global_batch": train.global_batch,
                 "learning_rate": {"base": t.lr, "peak": peak_lr, "scaled_by": peak_lr / t.lr},
                 "steps_per_epoch": steps,
                 "total_steps": total_steps,
-                "parameters": count_params(model),
+                "parameters": count_params(full),
                 "versions": versions(),
                 "data": {
                     "dir": str(prepared.dir.resolve()),
@@ -324,8 +374,11 @@ def run_training(
         )
         run_dir.copy_data_files(prepared.tokenizer_path, prepared.meta)
         start = resume_step(progress.samples_in_epoch, train.global_batch)
+        layout = f"{world.size // tensor} replica(s) of {tensor} shard(s)" if tensor > 1 else ""
         distributed.print0(
-            f"model: {count_params(model):,} parameters; {world.size} rank(s) x batch {t.batch_size} = "
+            f"model: {count_params(full):,} parameters; "
+            + (layout or f"{world.size} rank(s)")
+            + f" x batch {t.batch_size} = "
             f"global batch {train.global_batch}; peak lr {peak_lr:g}; {steps} steps/epoch"
             + (f"; resuming at epoch {progress.epoch + 1} step {start}" if resume else "")
         )
@@ -335,8 +388,10 @@ def run_training(
 
         tracker, resets = fit_elastic(task, model, progress, run_dir, callbacks)
     else:
-        tracker = fit(task, model, progress, run_dir, callbacks)
+        tracker = fit(task, model, progress, run_dir, callbacks, sharded=sharded)
     progress = tracker.progress
+    if sharded is not None:  # every rank: evaluation and model.keras use the full model
+        model = sharded.gather()
 
     final = {
         "epochs_completed": progress.epoch,
@@ -360,6 +415,33 @@ def run_training(
         run_dir.save_model(model)
         run_dir.merge_metrics(final)
     return model, final
+
+
+def shard_model(
+    task: Task, full: keras.Model, progress: Progress, peak_lr: float, total_steps: int
+) -> tuple[keras.Model, ShardedState]:
+    """This rank's tensor-parallel shard of `full`, compiled, with its slice of the state.
+
+    Every rank built (and rank 0 maybe restored) the full model and its
+    optimizer; rank 0's full state is broadcast to all, then each rank
+    keeps its slices: the shards of a replica start from the same full
+    model, and the replicas from the same one. The shard averages its
+    gradients over its data-parallel group only, and clips by the whole
+    model's gradient norm. A resumed run's best-epoch weights are cut too.
+    """
+    t = task.config.train
+    tp = distributed.tensor_parallel.current(distributed.tensor_size())
+    distributed.broadcast_variables(full.variables + list(full.optimizer.variables), 0)
+    shard = build_shard(full, tp, seed=t.seed)
+    compile_model(task, shard, t, peak_lr, total_steps, group=tp.data_group, xla=False)
+    sharded = ShardedState(shard, full)
+    sharded.scatter()
+    distributed.optimizer.set_tensor_parallel(
+        shard.optimizer, sharded.split_variables(), tp.tensor_group
+    )
+    if progress.best_weights:
+        progress.best_weights = sharded.shard_weights(progress.best_weights)
+    return shard, sharded
 
 
 def versions() -> dict[str, str | None]:

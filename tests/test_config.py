@@ -68,7 +68,7 @@ def test_bad_config_files(tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("optim:\n  lr: 1\n")
     with pytest.raises(
-        UserError, match="unknown key 'optim'; valid keys: data, model, task, train"
+        UserError, match="unknown key 'optim'; valid keys: data, model, parallel, task, train"
     ):
         resolve("small", str(unknown), {})
     not_a_mapping = tmp_path / "list.yaml"

@@ -43,7 +43,9 @@ def test_a_lost_peer_is_recognised_whichever_thread_reports_it():
         "gloo/transport/tcp/pair.cc:589] Read error [127.0.0.1]:5533: Connection reset by peer\n"
         "\t [[{{node HorovodGroupedAllreduce_0}}]]",
     )
-    shutdown = RuntimeError("Horovod has been shut down. This was caused by an exception on one of the ranks")
+    shutdown = RuntimeError(
+        "Horovod has been shut down. This was caused by an exception on one of the ranks"
+    )
     unrelated = tf.errors.UnknownError(None, None, "Failed to read file data/corpus.txt")
     assert is_lost_peer(gloo) and is_lost_peer(shutdown)
     assert not is_lost_peer(unrelated) and not is_lost_peer(ValueError("gloo"))

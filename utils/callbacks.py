@@ -310,3 +310,47 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 self.temporary.replace(self.final)
         finally:
             self.temporary.unlink(missing_ok=True)
+
+
+class GatheredModelCheckpoint(AtomicModelCheckpoint):
+    """best.keras under tensor parallelism: the full model, gathered from the shards.
+
+    Every rank runs it, since gathering is a collective; they all decide
+    alike (the monitored figure is summed over ranks) and rank 0 alone writes.
+
+    Args:
+        filepath: where the model goes (written atomically, on rank 0).
+        gather: returns the full model, gathered from the shards (collective).
+        chief: whether this rank writes.
+        **kwargs: ModelCheckpoint's (monitor, mode, save_best_only...).
+    """
+
+    def __init__(
+        self, filepath: str | pathlib.Path, gather: Any, chief: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(filepath, **kwargs)
+        self.gather, self.chief = gather, chief
+
+    def set_model(self, model):
+        super().set_model(_GatheringSaver(model, self.gather, self.chief))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.chief:
+            super().on_epoch_end(epoch, logs)
+        else:  # no file of its own to rename
+            keras.callbacks.ModelCheckpoint.on_epoch_end(self, epoch, logs)
+
+
+class _GatheringSaver:
+    """The shard, except that save() gathers the full model and (on rank 0) saves it."""
+
+    def __init__(self, shard: keras.Model, gather: Any, chief: bool):
+        self._shard, self._gather, self._chief = shard, gather, chief
+
+    def save(self, filepath, *args: Any, **kwargs: Any) -> None:
+        full = self._gather()
+        if self._chief:
+            full.save(filepath, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._shard, name)

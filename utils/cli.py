@@ -6,6 +6,8 @@ python main.py evaluate --run-dir DIR [--split test] [--data PATH]
 python main.py generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--sampler ...]
 python main.py predict  --run-dir DIR (--text TEXT ... | --data FILE [--out FILE])
 python main.py prepare  [--task ...] [--data PATH] [--section.key=value ...]
+python main.py export   --run-dir DIR [--quantize int8|int4|float8] [--out DIR]
+python main.py serve    --export DIR [--model-name NAME] [--port 8501] [--host 127.0.0.1]
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import argparse
 
 from inference import SAMPLERS
+from serving.quantize import MODES as QUANTIZE_MODES
 from utils.config import DEFAULT_PRESET, PRESETS, SECTIONS, TASKS, Config, resolve, section_fields
 from utils.errors import UserError
 
-COMMANDS = ("train", "evaluate", "generate", "predict", "prepare")
+COMMANDS = ("train", "evaluate", "generate", "predict", "prepare", "serve", "export")
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,6 +147,12 @@ def build_parser(command: str, description: str = "") -> argparse.ArgumentParser
             help="other data to evaluate on, split with the run's settings and "
             "encoded with its tokenizer (default: the run's own data)",
         )
+        p.add_argument(
+            "--quantize",
+            choices=QUANTIZE_MODES,
+            help="also quantize the model's weights (Keras model.quantize) and report both "
+            "side by side, with weight bytes and latency; written to quantization.json",
+        )
     elif command == "generate":
         p = Parser(
             prog="main.py generate",
@@ -166,6 +175,10 @@ def build_parser(command: str, description: str = "") -> argparse.ArgumentParser
             default=0,
             help="seed of top_k/top_p sampling (default: %(default)s)",
         )
+    elif command == "serve":
+        p = serve_parser()
+    elif command == "export":
+        p = export_parser()
     else:
         p = Parser(
             prog="main.py predict", description="Classify texts with a trained --task classify run."
@@ -188,6 +201,76 @@ def build_parser(command: str, description: str = "") -> argparse.ArgumentParser
         p.add_argument(
             "--text-column", default=None, help="with --data: the text column (default: the run's)"
         )
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """main.py export: a run as a SavedModel taking raw strings (serving/export.py)."""
+    p = Parser(
+        prog="main.py export",
+        description="Export a causal_lm or classify run as a TensorFlow SavedModel whose "
+        "signatures take raw strings (tokenizer inside the graph), with serving.json.",
+    )
+    p.add_argument("--run-dir", metavar="DIR", required=True, help="a finished run directory")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="quantize the weights first (Keras model.quantize; default: float32 as trained)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write it (default: RUN_DIR/export, or RUN_DIR/export-MODE when quantized); "
+        "an existing directory is replaced only if it holds an earlier export",
+    )
+    return p
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """main.py serve: TF Serving's REST API over an export (serving/server.py)."""
+    p = Parser(
+        prog="main.py serve",
+        description="Serve an exported model over HTTP with TF Serving's REST API "
+        "(/v1/models/NAME:predict), batching concurrent requests; SIGTERM stops it gracefully.",
+    )
+    p.add_argument("--export", metavar="DIR", required=True, help="a directory written by export")
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        default=None,
+        help="the NAME in /v1/models/NAME (default: the export directory's name)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    p.add_argument("--port", type=int, metavar="N", default=8501, help="(default: %(default)s)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="ROWS",
+        default=32,
+        help="most rows in one model call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        metavar="MS",
+        default=5.0,
+        help="how long a request waits for others to share its model call, counted from "
+        "when the model is free (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="ROWS",
+        default=1024,
+        help="most rows waiting; more are refused with 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        metavar="BYTES",
+        default=1 << 20,
+        help="larger request bodies are refused with 413 (default: %(default)s)",
+    )
     return p
 
 

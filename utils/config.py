@@ -167,6 +167,17 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks share the model (utils/distributed/tensor_parallel.py, docs/parallelism.md)."""
+
+    tensor: int = _opt(
+        1,
+        "tensor-parallel shards per data-parallel replica (Megatron-style; must divide the "
+        "ranks, model.n_heads and model.d_ff; causal_lm only; docs/parallelism.md)",
+    )
+
+
+@dataclass
 class Config:
     """Everything that defines a run; saved as config.json in the run directory."""
 
@@ -174,12 +185,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Seconds on one CPU core: for tests, CI and a first look.
@@ -343,7 +360,7 @@ def load_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise UserError(
-            f"config file {path}: expected a mapping of sections (data, model, train), got {type(values).__name__}"
+            f"config file {path}: expected a mapping of sections (data, model, train, parallel), got {type(values).__name__}"
         )
     return values
 
@@ -432,3 +449,42 @@ def validate(config: Config) -> None:
         raise UserError(
             f"train.init_from (--init-from) is for --task classify; the task is {config.task}"
         )
+    validate_parallel(config)
+
+
+def validate_parallel(config: Config) -> None:
+    """parallel.tensor: at least 1, dividing the heads and the feed-forward width.
+
+    Whether it divides the number of ranks is known only under horovodrun
+    (utils/distributed/tensor_parallel.py `init`, from HOROVOD_SIZE). Only the
+    causal LM has tensor-parallel blocks, and elastic training would change
+    the number of ranks under the tensor groups: both refused for T > 1.
+    """
+    tensor, m = config.parallel.tensor, config.model
+    if tensor < 1:
+        raise UserError(f"parallel.tensor must be >= 1; got {tensor}")
+    if m.n_heads % tensor:
+        raise UserError(
+            f"parallel.tensor ({tensor}) must divide model.n_heads ({m.n_heads}): "
+            "each shard holds whole heads"
+        )
+    if m.d_ff % tensor:
+        raise UserError(f"parallel.tensor ({tensor}) must divide model.d_ff ({m.d_ff})")
+    if tensor > 1 and config.task != "causal_lm":
+        raise UserError(
+            f"parallel.tensor={tensor} is for --task causal_lm (only its blocks are "
+            f"tensor-parallel); the task is {config.task}: use parallel.tensor=1"
+        )
+    if tensor > 1 and config.train.elastic:
+        raise UserError(
+            f"parallel.tensor={tensor} needs a fixed number of ranks: drop --elastic "
+            "(train.elastic) or use parallel.tensor=1"
+        )
+
+
+def parallel_layout(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
+    """{"tensor": T, "data": ranks / T} for config.json; UserError when T does not divide the ranks."""
+    tensor = parallel.tensor
+    if world_size % tensor:
+        raise UserError(f"parallel.tensor={tensor} must divide the number of ranks ({world_size})")
+    return {"tensor": tensor, "data": world_size // tensor}

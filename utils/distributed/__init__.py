@@ -23,7 +23,8 @@ which do work:
 - `callbacks.BroadcastGlobalVariablesCallback`, `.MetricAverageCallback`,
   `.LearningRateWarmupCallback` (callbacks.py);
 - `load_model`: rank 0 reads the file, every rank gets the model;
-- elastic training (elastic.py).
+- elastic training (elastic.py);
+- tensor parallelism's groups and collectives (tensor_parallel.py).
 
 Without Horovod installed, or outside `horovodrun`, the world has one rank
 and every collective is the identity, so the same script runs as one
@@ -38,6 +39,7 @@ from typing import Any
 
 from utils.distributed.core import (
     Compression,
+    ProcessGroup,
     World,
     allgather_object,
     allreduce,
@@ -49,6 +51,8 @@ from utils.distributed.core import (
     broadcast_object,
     broadcast_variables,
     chief_runs,
+    data_rank,
+    data_size,
     describe,
     horovod_available,
     init,
@@ -57,11 +61,15 @@ from utils.distributed.core import (
     local_rank,
     local_size,
     print0,
+    process_set,
     rank,
     refresh_world,
     scaled_learning_rate,
+    set_tensor_size,
     shutdown,
     size,
+    tensor_rank,
+    tensor_size,
     world,
 )
 
@@ -75,10 +83,18 @@ _LAZY = {
     "elastic_state": "utils.distributed.elastic",
     "run_elastic": "utils.distributed.elastic",
 }
-_SUBMODULES = ("callbacks", "optimizer", "train_function", "elastic", "saving")
+_SUBMODULES = (
+    "callbacks",
+    "optimizer",
+    "train_function",
+    "elastic",
+    "saving",
+    "tensor_parallel",
+)
 
 __all__ = [
     "Compression",
+    "ProcessGroup",
     "World",
     "allgather_object",
     "allreduce",
@@ -90,6 +106,8 @@ __all__ = [
     "broadcast_object",
     "broadcast_variables",
     "chief_runs",
+    "data_rank",
+    "data_size",
     "describe",
     "horovod_available",
     "init",
@@ -98,11 +116,15 @@ __all__ = [
     "local_rank",
     "local_size",
     "print0",
+    "process_set",
     "rank",
     "refresh_world",
     "scaled_learning_rate",
+    "set_tensor_size",
     "shutdown",
     "size",
+    "tensor_rank",
+    "tensor_size",
     "world",
     *_LAZY,
     *_SUBMODULES,

@@ -11,6 +11,8 @@ is absent or the world has one rank, so the same code runs either way:
 - `allreduce_sums()`: exact cross-rank metrics (sum values and counts, then
   divide, never a mean of per-rank means);
 - `broadcast_object()`, `allgather_object()`, `any_rank()`, `barrier()`;
+- `ProcessGroup` / `process_set()`: a subset of ranks (tensor parallelism's
+  groups) and the Horovod process set that `init(process_sets=...)` made for it;
 - `is_chief()` / `print0()`: rank 0 alone prints, checkpoints and plots.
 
 Horovod ops have no XLA kernels: never call these inside a function compiled
@@ -63,7 +65,37 @@ class World:
 _world = World()
 
 
-def init(threads: int = 0, use_horovod: bool | None = None, elastic: bool = False) -> World:
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+    """A set of global ranks that run collectives together (sorted, as Horovod keeps them).
+
+    Process sets exist only for groups of two or more ranks that are not the
+    whole world: a one-rank group's collectives are the identity, and the
+    whole world is Horovod's global process set.
+    """
+
+    ranks: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def rank_of(self, global_rank: int) -> int:
+        """Position of `global_rank` in the group (its rank within the process set)."""
+        return self.ranks.index(global_rank)
+
+
+# Horovod ProcessSet objects made by init(process_sets=...), keyed by their sorted ranks.
+_process_sets: dict[tuple[int, ...], Any] = {}
+_tensor_size = 1  # tensor-parallel shards per replica (set_tensor_size)
+
+
+def init(
+    threads: int = 0,
+    use_horovod: bool | None = None,
+    elastic: bool = False,
+    process_sets: Sequence[Sequence[int]] = (),
+) -> World:
     """Start Horovod (if available) and configure TensorFlow for this rank.
 
     Call once, before TensorFlow runs any op.
@@ -75,6 +107,10 @@ def init(threads: int = 0, use_horovod: bool | None = None, elastic: bool = Fals
         use_horovod: force Horovod on or off; default: on when installed.
         elastic: train elastically (--elastic); it takes effect only when
             horovodrun started this process in elastic mode (HOROVOD_ELASTIC=1).
+        process_sets: groups of global ranks that will run collectives of
+            their own (tensor parallelism). Horovod needs every rank to pass
+            the same list, here at init; neither the whole world nor a
+            duplicate may be in it (see `process_set`).
     """
     global _world, hvd
     from utils.tf_env import import_tensorflow, quiet_native_logs
@@ -93,7 +129,12 @@ def init(threads: int = 0, use_horovod: bool | None = None, elastic: bool = Fals
             hvd = horovod.tensorflow
         # Not inside quiet_native_logs: when init aborts the process (a Gloo
         # connection refused, say), its message must reach the terminal.
-        hvd.init()
+        sets = {tuple(sorted(ranks)): hvd.ProcessSet(sorted(ranks)) for ranks in process_sets}
+        if sets:
+            hvd.init(process_sets=list(sets.values()))
+            _process_sets.update(sets)
+        else:
+            hvd.init()
         world = World(
             hvd.rank(),
             hvd.size(),
@@ -206,8 +247,26 @@ def _codec(compression: Any) -> Any:
     )
 
 
-def allreduce_gradients(grads: Sequence, compression: Any = "none") -> list:
-    """Average gradients across ranks with one grouped allreduce.
+def process_set(group: ProcessGroup) -> Any:
+    """The Horovod process set of `group`: the global one for the whole world.
+
+    Raises UserError when `init(process_sets=...)` did not create it.
+    """
+    if group.ranks == tuple(range(_world.size)):
+        return hvd.global_process_set
+    found = _process_sets.get(group.ranks)
+    if found is None:
+        raise UserError(
+            f"no Horovod process set for ranks {list(group.ranks)}: pass it to "
+            "utils.distributed.init(process_sets=...) on every rank"
+        )
+    return found
+
+
+def allreduce_gradients(
+    grads: Sequence, compression: Any = "none", group: ProcessGroup | None = None
+) -> list:
+    """Average gradients across ranks (or across `group`) with one grouped allreduce.
 
     Meant for the inside of a (non-XLA) `tf.function`, between computing
     gradients and applying them. At world size 1 it is skipped (nothing to
@@ -218,16 +277,20 @@ def allreduce_gradients(grads: Sequence, compression: Any = "none") -> list:
         grads: one gradient (dense or IndexedSlices) per trainable variable.
         compression: `Compression.none`, or `Compression.fp16` to send
             half-precision values.
+        group: average over these ranks only (tensor parallelism's
+            data-parallel group); None: over every rank. A one-rank group
+            averages nothing.
     """
     grads = list(grads)
-    if not _active():
+    if not _active() or (group is not None and group.size == 1):
         return grads
     import tensorflow as tf
 
     present = [i for i, g in enumerate(grads) if g is not None]
     # IndexedSlices -> dense: one fused buffer (Horovod's sparse_as_dense).
     dense = [tf.convert_to_tensor(grads[i]) for i in present]
-    reduced = hvd.grouped_allreduce(dense, op=hvd.Average, compression=_codec(compression))
+    where = {} if group is None else {"process_set": process_set(group)}
+    reduced = hvd.grouped_allreduce(dense, op=hvd.Average, compression=_codec(compression), **where)
     for i, g in zip(present, reduced, strict=True):
         grads[i] = g
     return grads
@@ -263,14 +326,21 @@ def broadcast_variables(variables: Sequence, root_rank: int = 0) -> None:
     hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=root_rank)
 
 
-def allreduce_sums(values: dict[str, Any]) -> dict[str, Any]:
-    """Sum each value across ranks, in one float64 allreduce.
+def allreduce_sums(values: dict[str, Any], every_rank: bool = False) -> dict[str, Any]:
+    """Sum each value across data-parallel replicas, in one float64 allreduce.
 
     Values are numbers (loss sums, token counts) or numpy arrays (per-class
     counts, a confusion matrix); each comes back with its own shape.
     Every rank must pass the same keys and shapes.
+
+    With tensor parallelism the T shards of a replica read the same rows and
+    compute the same figures, so only tensor rank 0 of each replica adds its
+    values (the others send zeros): each replica counts once. `every_rank`
+    adds every rank's values (flags, barriers).
     """
     arrays = {k: np.asarray(values[k], dtype=np.float64) for k in sorted(values)}
+    if not every_rank and tensor_rank() != 0:
+        arrays = {k: np.zeros_like(a) for k, a in arrays.items()}
     if _active():
         import tensorflow as tf
 
@@ -300,12 +370,12 @@ def allgather_object(obj: Any, name: str | None = None) -> list:
 
 def any_rank(flag: bool, name: str = "any_rank") -> bool:
     """True on every rank if `flag` is true on any: for decisions all must share."""
-    return bool(allreduce_sums({name: float(flag)})[name] > 0)
+    return bool(allreduce_sums({name: float(flag)}, every_rank=True)[name] > 0)
 
 
 def barrier() -> None:
     """Wait until every rank gets here."""
-    allreduce_sums({"barrier": 0.0})
+    allreduce_sums({"barrier": 0.0}, every_rank=True)
 
 
 def chief_runs(fn: Callable[[], Any], name: str) -> Any:
@@ -345,13 +415,50 @@ def local_chief_runs(fn: Callable[[], Any], name: str) -> list[Any]:
     return [o[1] for o in outcomes if o is not None]
 
 
+def set_tensor_size(tensor: int) -> None:
+    """Record T, the tensor-parallel shards per replica (utils/distributed/tensor_parallel.py).
+
+    The data-parallel view below (`data_rank`, `data_size`) and the
+    replica-once sums of `allreduce_sums` follow it.
+    """
+    global _tensor_size
+    _tensor_size = tensor
+
+
+def tensor_size() -> int:
+    """T: the shards of one data-parallel replica (1 without tensor parallelism)."""
+    return _tensor_size
+
+
+def tensor_rank() -> int:
+    """This rank's position in its tensor group (0 without tensor parallelism)."""
+    return _world.rank % _tensor_size
+
+
+def data_rank() -> int:
+    """This rank's data-parallel replica: which rows of each global batch it reads."""
+    return _world.rank // _tensor_size
+
+
+def data_size() -> int:
+    """The number of data-parallel replicas: ranks / T."""
+    return _world.size // _tensor_size
+
+
 def scaled_learning_rate(lr: float, enabled: bool = True) -> float:
-    """Horovod's convention: the global batch grows with the ranks, so does the LR."""
-    return lr * _world.size if enabled else lr
+    """Horovod's convention: the global batch grows with the replicas, so does the LR.
+
+    Replicas, not ranks: the T shards of a tensor-parallel replica read the same rows.
+    """
+    return lr * data_size() if enabled else lr
 
 
 def shutdown() -> None:
+    """Stop Horovod. Under tensor parallelism every rank waits for the others first: a
+    group that shut down while another still gathered weights made that gather fail."""
     if _world.horovod and hvd is not None:
+        if _tensor_size > 1 and _active():
+            barrier()
         hvd.shutdown()
 
 

@@ -50,7 +50,13 @@ class _Distributed:
     _hvd_passes = 1  # backward_passes_per_step
     _hvd_average_passes = True  # average_aggregated_gradients
     _hvd_skip_nonfinite = False
+    _hvd_group = None  # ProcessGroup to average over (tensor parallelism); None: every rank
     _hvd_averaged = False  # True while a step that already averaged calls apply()
+    # Tensor parallelism (set_tensor_parallel): the tensor group, the keys of the
+    # variables split across it, and (while a step is traced) the global norm.
+    _hvd_tensor_group = None
+    _hvd_split_keys: frozenset = frozenset()
+    _hvd_global_norm = None
 
     def build(self, variables):
         if self.built:
@@ -75,7 +81,7 @@ class _Distributed:
 
     def _clip_gradients(self, grads):
         if self.global_clipnorm and self.global_clipnorm > 0 and not self.clipnorm:
-            return clip_by_global_norm(grads, self.global_clipnorm)
+            return clip_by_global_norm(grads, self.global_clipnorm, self._hvd_global_norm)
         return super()._clip_gradients(grads)
 
     @property
@@ -101,6 +107,7 @@ def DistributedOptimizer(
     backward_passes_per_step: int = 1,
     average_aggregated_gradients: bool = True,
     skip_nonfinite: bool = False,
+    group: core.ProcessGroup | None = None,
 ) -> keras.optimizers.Optimizer:
     """A copy of `optimizer` that averages gradients across ranks before every update.
 
@@ -121,6 +128,10 @@ def DistributedOptimizer(
         average_aggregated_gradients: divide those passes' sum by their number.
         skip_nonfinite: skip (on every rank) any update whose averaged
             gradients are not finite, and count it in `nonfinite_steps`.
+        group: average over these ranks only: with tensor parallelism, the
+            data-parallel group (the shards of one tensor group hold
+            different weights and must not be averaged together). None:
+            every rank.
     """
     _install_train_function()
     if optimizer.built:
@@ -141,6 +152,7 @@ def DistributedOptimizer(
     wrapped._hvd_passes = backward_passes_per_step
     wrapped._hvd_average_passes = average_aggregated_gradients
     wrapped._hvd_skip_nonfinite = skip_nonfinite
+    wrapped._hvd_group = group
     return wrapped
 
 
@@ -198,8 +210,8 @@ def accumulate(dist: _Distributed, grads: Sequence) -> tuple[list, Any]:
 
 
 def average(dist: _Distributed, grads: Sequence) -> list:
-    """Step 2 (Horovod ops: never inside XLA): the gradients' mean over ranks."""
-    return core.allreduce_gradients(grads, dist._hvd_compression)
+    """Step 2 (Horovod ops: never inside XLA): the gradients' mean over ranks (or its group)."""
+    return core.allreduce_gradients(grads, dist._hvd_compression, dist._hvd_group)
 
 
 def apply_averaged(
@@ -226,12 +238,19 @@ def apply_averaged(
     """
     update = tf.convert_to_tensor(update)
     finite = tf.constant(True)
-    if dist._hvd_skip_nonfinite:
+    norm = None
+    if dist._hvd_tensor_group is not None:
+        # The whole model's norm, the same on every shard (a collective: outside the
+        # branches, so every shard of the tensor group runs it): shards clip and skip alike.
+        norm = tensor_parallel_norm(dist, grads, trainable_variables)
+        if dist._hvd_skip_nonfinite:
+            finite = tf.math.is_finite(norm)
+    elif dist._hvd_skip_nonfinite:
         present = [tf.cast(g, "float32") for g in grads if g is not None]
         finite = tf.math.is_finite(tf.linalg.global_norm(present))
 
     def step() -> tf.Tensor:
-        with _averaged(dist):
+        with _averaged(dist, norm):
             type(optimizer).apply(optimizer, list(grads), list(trainable_variables))
         return tf.constant(True)
 
@@ -297,26 +316,73 @@ def if_update(condition: Any, fn, otherwise: list) -> list:
 
 
 @contextlib.contextmanager
-def _averaged(dist: _Distributed) -> Iterator[None]:
-    """While tracing: `dist.apply` only applies (its gradients are already averaged)."""
-    before = dist._hvd_averaged
-    dist._hvd_averaged = True
+def _averaged(dist: _Distributed, norm: Any = None) -> Iterator[None]:
+    """While tracing: `dist.apply` only applies (its gradients are already averaged),
+    clipping by `norm` when given (tensor parallelism's whole-model norm)."""
+    before = dist._hvd_averaged, dist._hvd_global_norm
+    dist._hvd_averaged, dist._hvd_global_norm = True, norm
     try:
         yield
     finally:
-        dist._hvd_averaged = before
+        dist._hvd_averaged, dist._hvd_global_norm = before
 
 
-def clip_by_global_norm(grads: Sequence[Any], clip_norm: float) -> list[Any]:
+def set_tensor_parallel(
+    optimizer: keras.optimizers.Optimizer, split_variables: Sequence, tensor_group: Any
+) -> None:
+    """Make `optimizer` (a DistributedOptimizer) clip and skip on the whole model's norm.
+
+    A tensor-parallel shard holds slices of the split variables and full
+    copies of the others. Its own gradients' norm differs from shard to
+    shard, so clipping by it would scale the shards' replicated weights
+    differently and they would drift apart; the whole model's norm needs
+    the split gradients' squares summed over the tensor group (once per
+    step, see `tensor_parallel_norm`).
+
+    Args:
+        optimizer: the model's DistributedOptimizer.
+        split_variables: the shard's variables that are slices of a full one.
+        tensor_group: the ProcessGroup of this rank's tensor group.
+    """
+    dist = find_distributed(optimizer)
+    if dist is None:
+        raise ValueError("set_tensor_parallel needs a DistributedOptimizer")
+    dist._hvd_tensor_group = tensor_group
+    dist._hvd_split_keys = frozenset(dist._var_key(v) for v in split_variables)
+
+
+def tensor_parallel_norm(dist: _Distributed, grads: Sequence, variables: Sequence) -> tf.Tensor:
+    """The global norm of the full model's gradients from one shard's (collective).
+
+    Squares of the split gradients are summed over the tensor group (each
+    shard holds a different slice); the replicated ones count once.
+    """
+    split, replicated = [tf.constant(0.0)], [tf.constant(0.0)]
+    for g, v in zip(grads, variables, strict=True):
+        if g is None:
+            continue
+        square = tf.reduce_sum(tf.square(tf.cast(g, "float32")))
+        (split if dist._var_key(v) in dist._hvd_split_keys else replicated).append(square)
+    split_sum = tf.add_n(split)
+    if core.world().horovod and dist._hvd_tensor_group.size > 1:
+        split_sum = core.hvd.allreduce(
+            split_sum, op=core.hvd.Sum, process_set=core.process_set(dist._hvd_tensor_group)
+        )
+    return tf.sqrt(split_sum + tf.add_n(replicated))
+
+
+def clip_by_global_norm(grads: Sequence[Any], clip_norm: float, norm: Any = None) -> list[Any]:
     """Keras's `clip_by_global_norm`, with the norm from one reduction over every gradient.
 
     Keras reduces each gradient on its own; XLA on the CPU runs each of those
     as two small kernels, which cost 3.9 ms of the reference model's 42 ms
     step (68 variables, bench/results/avx2/report.md). Concatenated, it is one
     fused reduction. The scale is Keras's: NaN when the norm is not finite.
+    `norm`: use this norm instead (tensor parallelism: the whole model's).
     """
-    present = [g for g in grads if g is not None]
-    flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in present], axis=0)
-    norm = tf.sqrt(tf.reduce_sum(tf.square(flat)))
+    if norm is None:
+        present = [g for g in grads if g is not None]
+        flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in present], axis=0)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(flat)))
     scale = clip_norm * tf.minimum(1.0 / norm, 1.0 / clip_norm) + (norm - norm)
     return [None if g is None else g * tf.cast(scale, g.dtype) for g in grads]

@@ -1,0 +1,278 @@
+"""Tensor x data parallelism: memory per rank, and the step time at two ranks.
+
+    python -m bench.parallel                 # both parts, about 3 minutes on 2 cores
+    python -m bench.parallel --part bytes    # memory only, one process, seconds
+    python -m bench.parallel --steps 10 --repeats 3
+
+Memory: the bytes of parameters and optimizer slots (AdamW's two moments)
+one rank holds, for T = 1, 2 and 4 on a wide model (width 512, 8 heads,
+FFN 2048, 4 blocks, vocabulary 4000). The shards are built in one process
+(models/tensor_parallel.py `build_shard`; sizes need no collective): the
+split matrices and their slots fall to 1/T, the embeddings, norms and
+row-parallel biases stay whole on every shard.
+
+Time: the real training step (train.compile_model's DistributedOptimizer,
+the train function `model.fit` runs, no XLA in either layout so that they
+compare) of the wide model with 2 blocks, batch 8 x 64 tokens per replica,
+under `horovodrun -np 2`: data parallel (two replicas, one gradient
+allreduce per step) against T = 2 (one replica of two shards, four
+activation allreduces per block and step). Each layout runs with Horovod's
+defaults, with HOROVOD_CYCLE_TIME=5 (ms between the background thread's
+negotiation cycles; Horovod's default otherwise), and
+with HOROVOD_FUSION_THRESHOLD=0 (no tensor fusion: every allreduce of the
+grouped gradient allreduce travels alone).
+
+Results: printed, and written to bench/results/<CPU kind>/parallel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.common import RESULTS, cpu, emit, median_time, table
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The model whose memory is counted; the timed one has 2 of its blocks (2 cores).
+WIDE = {"n_layers": 4, "n_heads": 8, "d_model": 512, "d_ff": 2048, "seq_len": 64, "dropout": 0.0}
+VOCAB = 4000
+STEP_LAYERS, STEP_BATCH = 2, 8
+ENVS = {
+    "default": {},
+    "HOROVOD_CYCLE_TIME=5": {"HOROVOD_CYCLE_TIME": "5"},
+    "HOROVOD_FUSION_THRESHOLD=0": {"HOROVOD_FUSION_THRESHOLD": "0"},
+}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.parallel", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--part", choices=("all", "bytes", "step"), default="all")
+    p.add_argument("--tensors", default="1,2,4", help="values of T for the memory part")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing")
+    p.add_argument("--steps", type=int, default=8, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks (median)")
+    p.add_argument("--envs", default=",".join(ENVS), help="Horovod settings to time under")
+    p.add_argument("--out", default="", help="the JSON result (default: bench/results/<kind>/)")
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # T, under horovodrun
+    return p.parse_args(argv)
+
+
+def _config(n_layers: int, batch: int):
+    """(Config, Task) of the wide model, AdamW, no XLA, for `n_layers` blocks."""
+    from tasks import Task
+    from utils.config import Config, ModelConfig, TrainConfig
+
+    config = Config(
+        model=ModelConfig(**{**WIDE, "n_layers": n_layers}),
+        train=TrainConfig(batch_size=batch, xla=False, warmup_steps=10),
+    )
+    task = Task(config)
+    task.prepared = type("Prepared", (), {"vocab_size": VOCAB})()
+    return config, task
+
+
+def _nbytes(variables) -> int:
+    return int(sum(int(v.numpy().nbytes) for v in variables))
+
+
+def memory(tensors: list[int]) -> list[dict[str, Any]]:
+    """Bytes of weights and optimizer slots on one rank (tensor rank 0) for each T."""
+    import keras
+
+    from models.tensor_parallel import ShardedState, build_shard, optimizer_slot_lists
+    from train import compile_model
+    from utils import distributed
+    from utils.distributed.tensor_parallel import layout
+
+    distributed.init(threads=0, use_horovod=False)
+    _, task = _config(WIDE["n_layers"], STEP_BATCH)
+    keras.utils.set_random_seed(0)
+    full = task.build_model()
+    compile_model(task, full, task.config.train, 1e-3, 1000)
+    rows = []
+    for tensor in tensors:
+        if tensor == 1:
+            model, split = full, set()
+            slots = optimizer_slot_lists(full.optimizer)
+        else:
+            shard = build_shard(full, layout(tensor, tensor, 0))  # no Horovod: no collective
+            compile_model(task, shard, task.config.train, 1e-3, 1000, xla=False)
+            model, split = shard, {id(v) for v in ShardedState(shard, full).split_variables()}
+            slots = optimizer_slot_lists(shard.optimizer)
+        trainable = list(model.optimizer._trainable_variables)
+        slot_of = [
+            [lst[i] for lst in slots.values() if lst[i] is not None] for i in range(len(trainable))
+        ]
+        split_w = [v for v in trainable if id(v) in split]
+        repl_w = [v for v in trainable if id(v) not in split]
+        split_s = [
+            s for v, ss in zip(trainable, slot_of, strict=True) if id(v) in split for s in ss
+        ]
+        repl_s = [
+            s for v, ss in zip(trainable, slot_of, strict=True) if id(v) not in split for s in ss
+        ]
+        row = {
+            "T": tensor,
+            "params_bytes": _nbytes(trainable),
+            "slot_bytes": _nbytes(s for ss in slot_of for s in ss),
+            "split_params_bytes": _nbytes(split_w),
+            "split_slot_bytes": _nbytes(split_s),
+            "replicated_params_bytes": _nbytes(repl_w),
+            "replicated_slot_bytes": _nbytes(repl_s),
+        }
+        row["total_bytes"] = row["params_bytes"] + row["slot_bytes"]
+        rows.append(row)
+    # At T=1 the same variables count as "split" (they are what T > 1 cuts): from T=2's pairs.
+    base = rows[0]
+    if len(rows) > 1:
+        t2 = rows[1]
+        base["split_params_bytes"] = t2["split_params_bytes"] * t2["T"]
+        base["split_slot_bytes"] = t2["split_slot_bytes"] * t2["T"]
+        base["replicated_params_bytes"] = base["params_bytes"] - base["split_params_bytes"]
+        base["replicated_slot_bytes"] = base["slot_bytes"] - base["split_slot_bytes"]
+    for row in rows:
+        row["share_of_T1"] = row["total_bytes"] / base["total_bytes"]
+    return rows
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Under horovodrun: time the training step of T shards per replica; rank 0 prints JSON."""
+    import keras
+    import numpy as np
+
+    from data.load import Windows
+    from train import compile_model, shard_model
+    from utils import distributed
+    from utils.callbacks import Progress
+
+    tensor = args.worker
+    if tensor > 1:
+        distributed.tensor_parallel.init(tensor)
+        world = distributed.world()
+    else:
+        world = distributed.init()
+    config, task = _config(STEP_LAYERS, STEP_BATCH)
+    keras.utils.set_random_seed(world.rank)
+    model = task.build_model()
+    compile_model(task, model, config.train, 1e-3, 10_000)
+    if tensor > 1:
+        model, _ = shard_model(task, model, Progress(), 1e-3, 10_000)
+    else:
+        distributed.broadcast_model(model)
+    tokens = np.random.default_rng(0).integers(1, VOCAB, 200_000).astype(np.int32)
+    shards = Windows(
+        tokens, config.model.seq_len, STEP_BATCH, distributed.data_rank(), distributed.data_size()
+    )
+    iterator = iter(task.fit_dataset(shards.train_stream(0, 0, 0, 1_000_000), training=True))
+    model.make_train_function()
+
+    def step():
+        float(model.train_function(iterator)["loss"])
+
+    seconds, blocks = median_time(step, args.warmup, args.steps, args.repeats)
+    if world.is_chief:
+        emit(
+            {
+                "ms_per_step": seconds * 1e3,
+                "blocks_ms": [b * 1e3 for b in blocks],
+                "trainable_params_per_rank": int(
+                    sum(np.prod(v.shape) for v in model.trainable_variables)
+                ),
+            },
+            args.out,
+        )
+    distributed.shutdown()
+
+
+def time_layouts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ms/step at np=2 for data parallel (T=1) and T=2, under each Horovod setting."""
+    horovodrun = str(pathlib.Path(sys.executable).parent / "horovodrun")
+    rows = []
+    for env_name in args.envs.split(","):
+        for tensor in (1, 2):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "step.json")
+                command = [
+                    horovodrun, "-np", "2", "-H", "localhost:2", "--gloo",
+                    sys.executable, "-m", "bench.parallel", "--worker", str(tensor),
+                    "--warmup", str(args.warmup), "--steps", str(args.steps),
+                    "--repeats", str(args.repeats), "--out", out,
+                ]  # fmt: skip
+                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **ENVS[env_name]}
+                started = time.perf_counter()
+                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(pathlib.Path(out).read_text())
+            layout = "data parallel (2 replicas)" if tensor == 1 else "T=2 (1 replica of 2 shards)"
+            rows.append(
+                {
+                    "np": 2,
+                    "layout": layout,
+                    "T": tensor,
+                    "horovod": env_name,
+                    "ms_per_step": result["ms_per_step"],
+                    "sequences_per_sec": STEP_BATCH * (2 // tensor) / result["ms_per_step"] * 1e3,
+                    "trainable_params_per_rank": result["trainable_params_per_rank"],
+                    "blocks_ms": result["blocks_ms"],
+                    "launch_seconds": time.perf_counter() - started,
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    machine = cpu()
+    with contextlib.suppress(OSError, StopIteration):
+        machine["lscpu_model_name"] = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(
+                ["lscpu"], capture_output=True, text=True
+            ).stdout.splitlines()
+            if line.startswith("Model name")
+        )
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        **machine,
+        "cores": os.cpu_count(),
+        "wide_model": {**WIDE, "vocab": VOCAB},
+        "step_model": {
+            **WIDE,
+            "n_layers": STEP_LAYERS,
+            "vocab": VOCAB,
+            "batch_per_replica": STEP_BATCH,
+        },
+    }
+    if args.part in ("all", "bytes"):
+        result["memory"] = memory([int(t) for t in args.tensors.split(",")])
+        print(table(result["memory"], ["T", "params_bytes", "slot_bytes", "split_params_bytes",
+                                        "replicated_params_bytes", "total_bytes", "share_of_T1"]))  # fmt: skip
+    if args.part in ("all", "step"):
+        result["step"] = time_layouts(args)
+        print(
+            table(result["step"], ["np", "layout", "horovod", "ms_per_step", "sequences_per_sec"])
+        )
+    out = pathlib.Path(args.out) if args.out else RESULTS / machine["cpu_kind"] / "parallel.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
