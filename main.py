@@ -29,9 +29,10 @@ import argparse
 import pathlib
 import sys
 
+import evaluate
 from utils.cli import config_from_args, overrides_from_args, parse
 from utils.config import Config
-from utils.errors import UserError, exit_on_known_failure, exit_with_user_error
+from utils.errors import UserError, run_main
 
 
 def prepare_data(task, world) -> None:
@@ -67,15 +68,14 @@ def check_input(config: Config) -> None:
         from utils.run_dir import RunDir
 
         source = RunDir(config.train.init_from)
-        saved = source.read_config()
-        if saved["config"]["task"] != "mlm":
+        saved = source.load_config()
+        if saved.task != "mlm":
             raise UserError(
-                f"--init-from {source.path}: a {saved['config']['task']} run; it must be a --task mlm run"
+                f"--init-from {source.path}: a {saved.task} run; it must be a --task mlm run"
             )
         # The encoder's shape and context come with its weights.
-        model = dict(saved["config"]["model"], dropout=config.model.dropout)
-        for key, value in model.items():
-            setattr(config.model, key, value)
+        saved.model.dropout = config.model.dropout
+        config.model = saved.model
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
             "--host-discovery-script), so this is an ordinary run"
         )
     import train
-    from tasks import make_task
+    from models.tasks import make_task
 
     task = make_task(config)
     prepare_data(task, world)
@@ -118,22 +118,17 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def finish_run(task, model, run_dir) -> None:
-    """After training: test metrics (all ranks), then a sample and the curves (rank 0)."""
-    import evaluate
+    """After training: test metrics (all ranks), then the task's sample and the curves (rank 0)."""
     from data.prepare import load_tokenizer
+    from models.inference import Run
     from utils import distributed
 
     tokenizer = load_tokenizer(task.prepared.tokenizer_path)
-    results = evaluate.evaluate_split(task, model, tokenizer, "test")
+    results = task.evaluate(model, tokenizer, "test")
     if not distributed.is_chief():
         return
-    evaluate.record(results, run_dir, task)
-    if task.name == "causal_lm":
-        from inference import Run, generate
-
-        prompt = "Return the"
-        run = Run(run_dir.path, model, tokenizer, run_dir.read_config())
-        print(f"sample: {prompt} -> {generate(run, [prompt], max_new_tokens=30)[0]}")
+    task.report(results, run_dir)
+    task.after_training(Run(run_dir.path, model, tokenizer, task.config, run_dir.read_config()))
     from utils.plots import plot_runs
 
     plot_runs([run_dir.path], run_dir.curves)
@@ -149,11 +144,9 @@ def _create_run_dir(path: str, resume: bool) -> str:
 
 def resume_config(run_dir, args: argparse.Namespace) -> Config:
     """The saved config of the run to resume, with this command line's flags on top."""
-    from utils.config import apply_nested, set_value, validate
+    from utils.config import set_value, validate
 
-    saved = run_dir.read_config()["config"]
-    config = Config()
-    apply_nested(config, saved, f"{run_dir.config}")
+    config = run_dir.load_config()
     # The layout is not part of the run (checkpoints hold the full model): it is this
     # launch's, parallel.tensor=1 unless the command line sets it.
     config.parallel.tensor = 1
@@ -167,7 +160,7 @@ def resume_config(run_dir, args: argparse.Namespace) -> Config:
 def cmd_prepare(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     check_input(config)
-    from tasks import make_task
+    from models.tasks import make_task
     from utils import distributed
 
     world = distributed.init(threads=config.train.threads)
@@ -177,7 +170,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from inference import generate, load_run
+    from models.inference import generate, load_run
 
     run = load_run(args.run_dir)
     outputs = generate(
@@ -188,17 +181,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    import inference
+    from models.inference import load_run, predict, predict_file
 
-    run = inference.load_run(args.run_dir)
+    run = load_run(args.run_dir)
     if args.text:
-        for text, (label, probability, _) in zip(
-            args.text, inference.predict(run, args.text), strict=True
-        ):
+        for text, (label, probability, _) in zip(args.text, predict(run, args.text), strict=True):
             print(f"{label}\t{probability:.3f}\t{text}")
         return
-    out = inference.predict_file(run, args.data, args.out, args.text_column)
-    print(f"wrote {out}")
+    print(f"wrote {predict_file(run, args.data, args.out, args.text_column)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -222,36 +212,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+HANDLERS = {  # every command but train, which also records its command line
+    "prepare": cmd_prepare,
+    "evaluate": evaluate.command,
+    "generate": cmd_generate,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "serve": cmd_serve,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        command, args = parse(argv, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1])
+
+    def body() -> None:
+        command, args = parse(argv, "\n\n".join(__doc__.split("\n\n")[:2]))
         if command == "train":
             cmd_train(args, argv)
-        elif command == "prepare":
-            cmd_prepare(args)
-        elif command == "evaluate":
-            import evaluate
-
-            if args.quantize:
-                evaluate.compare_quantized(
-                    pathlib.Path(args.run_dir), args.quantize, args.split, args.data
-                )
-            else:
-                evaluate.run(pathlib.Path(args.run_dir), args.split, args.data)
-        elif command == "generate":
-            cmd_generate(args)
-        elif command == "serve":
-            cmd_serve(args)
-        elif command == "export":
-            cmd_export(args)
         else:
-            cmd_predict(args)
-    except UserError as e:
-        exit_with_user_error(e)
-    except Exception as e:
-        exit_on_known_failure(e)
-        raise
+            HANDLERS[command](args)
+
+    run_main(body)
 
 
 if __name__ == "__main__":

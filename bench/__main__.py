@@ -1,4 +1,4 @@
-"""The benchmark suite: every measurement behind BENCHMARKS.md.
+"""The benchmark suite: every measurement behind docs/benchmarks.md.
 
     python -m bench                         # all suites (about 20 minutes on 2 cores)
     python -m bench --suite scaling options # some of them

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     import tensorflow as tf
 
     from bench.step import model_and_data
+    from models.tasks import CausalLM
     from models.transformer import build_causal_lm, count_params
-    from tasks import Task
     from train import build_optimizer
     from utils.config import Config, TrainConfig
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.compile(
         optimizer=build_optimizer(TrainConfig(warmup_steps=10), 1e-3, 10_000),
         jit_compile=True,
-        **Task(Config(model=model_cfg)).compile_args(),
+        **CausalLM(Config(model=model_cfg)).compile_args(),
     )
     t = model_cfg.seq_len
     windows = (len(tokens) - 1) // t

@@ -68,15 +68,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _config(n_layers: int, batch: int):
-    """(Config, Task) of the wide model, AdamW, no XLA, for `n_layers` blocks."""
-    from tasks import Task
+    """(Config, CausalLM) of the wide model, AdamW, no XLA, for `n_layers` blocks."""
+    from models.tasks import CausalLM
     from utils.config import Config, ModelConfig, TrainConfig
 
     config = Config(
         model=ModelConfig(**{**WIDE, "n_layers": n_layers}),
         train=TrainConfig(batch_size=batch, xla=False, warmup_steps=10),
     )
-    task = Task(config)
+    task = CausalLM(config)
     task.prepared = type("Prepared", (), {"vocab_size": VOCAB})()
     return config, task
 

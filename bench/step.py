@@ -72,7 +72,7 @@ def setup(args: argparse.Namespace, world):
     import keras
 
     from data.load import Windows
-    from tasks import Task
+    from models.tasks import CausalLM
     from train import compile_model
     from utils import distributed
     from utils.config import Config, TrainConfig
@@ -87,7 +87,7 @@ def setup(args: argparse.Namespace, world):
         accumulate_steps=args.accumulate,
         warmup_steps=10,
     )
-    task = Task(Config(model=model_cfg, train=train_cfg))
+    task = CausalLM(Config(model=model_cfg, train=train_cfg))
     task.prepared = type("Prepared", (), {"vocab_size": vocab})()
     keras.utils.set_random_seed(world.rank)
     model = task.build_model()

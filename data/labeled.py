@@ -23,13 +23,11 @@ never seen in training are dropped, with a warning in meta.json and the log.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import pathlib
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -40,10 +38,9 @@ from data.prepare import (
     SPLITS,
     Prepared,
     _bar,
+    cached_build,
     learn_vocabulary,
-    load_prepared,
     load_tokenizer,
-    settings_key,
 )
 from data.sources import Source, open_source
 from utils.config import DataConfig
@@ -216,65 +213,70 @@ def prepare_labeled(
             encoder's) instead of learning one from the training split.
     """
     source = open_source(cfg.path, cfg.format, cfg.text_column, cfg.label_column)
-    fingerprint = "labeled:" + source.fingerprint()
-    if tokenizer is not None:
-        fingerprint += hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
-    key = settings_key(fingerprint, cfg)
-    root = pathlib.Path(cfg.prepared_dir)
-    out = root / f"{source.name}-{key[:12]}"
-    if (out / "meta.json").is_file():
-        log(f"data: reusing {out}")
-        return load_prepared(out)
-    log(f"data: preparing {source.name} into {out}")
-    root.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=root))
-    try:
-        collected = _collect(source, cfg, work, progress)
-        labels, counts, warnings = _split(work, cfg, collected["groups_by_label"])
-        train_chars = (work / "train.txt").stat().st_size
-        if tokenizer is None:
-            tokenizer_path = learn_vocabulary(work, cfg, train_chars)
-        else:
-            tokenizer_path = work / "tokenizer.model"
-            shutil.copyfile(tokenizer, tokenizer_path)
-        (work / "train.txt").unlink()
-        encoded = _encode(work, tokenizer_path, labels, progress)
-        train_counts = np.array([counts["train"][label] for label in labels], dtype=np.float64)
-        meta = {
-            "kind": "labeled",
-            "prep_version": PREP_VERSION,
-            "key": key,
-            "source": {**source.describe(), "fingerprint": fingerprint},
-            "python": sys.version.split()[0],
-            "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-            "labels": labels,
-            "documents": {s: sum(counts[s].values()) for s in SPLITS},
-            "class_counts": counts,
-            # "balanced" weights: n_samples / (n_classes * n_class), as scikit-learn computes them
-            "class_weights": (train_counts.sum() / (len(labels) * train_counts)).tolist(),
-            "skipped": collected["skipped"],
-            "warnings": warnings,
-            "text_sha256": _hash_texts(work),
-            "special_ids": {"pad": 0, "unk": 1, "bos": 2, "eos": 3},
-            **encoded,
-        }
-        (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        with contextlib.suppress(
-            OSError
-        ):  # another host/process may have won the race: same content
-            work.rename(out)
-        if not (out / "meta.json").is_file():
-            raise UserError(f"could not move the prepared data into {out}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    for warning in warnings:
+    prepared, built = cached_build(
+        source,
+        cfg,
+        tokenizer,
+        lambda work, key, fingerprint: _build(
+            work, source, cfg, key, fingerprint, tokenizer, progress
+        ),
+        log,
+        kind="labeled:",
+    )
+    if not built:
+        return prepared
+    meta = prepared.meta
+    for warning in meta["warnings"]:
         log(f"data: warning: {warning}")
     docs = meta["documents"]
     log(
-        f"data: {len(labels)} classes; {docs['train']:,} train / {docs['val']:,} val / {docs['test']:,} test "
-        f"documents; skipped {sum(collected['skipped'].values()):,} (blank or duplicate)"
+        f"data: {len(meta['labels'])} classes; {docs['train']:,} train / {docs['val']:,} val / "
+        f"{docs['test']:,} test documents; skipped {sum(meta['skipped'].values()):,} "
+        "(blank or duplicate)"
     )
-    return load_prepared(out)
+    return prepared
+
+
+def _build(
+    work: pathlib.Path,
+    source: Source,
+    cfg: DataConfig,
+    key: str,
+    fingerprint: str,
+    tokenizer: pathlib.Path | None,
+    progress: bool,
+) -> None:
+    """Write a labelled dataset into the empty directory `work`, meta.json last."""
+    collected = _collect(source, cfg, work, progress)
+    labels, counts, warnings = _split(work, cfg, collected["groups_by_label"])
+    train_chars = (work / "train.txt").stat().st_size
+    if tokenizer is None:
+        tokenizer_path = learn_vocabulary(work, cfg, train_chars)
+    else:
+        tokenizer_path = work / "tokenizer.model"
+        shutil.copyfile(tokenizer, tokenizer_path)
+    (work / "train.txt").unlink()
+    encoded = _encode(work, tokenizer_path, labels, progress)
+    train_counts = np.array([counts["train"][label] for label in labels], dtype=np.float64)
+    meta = {
+        "kind": "labeled",
+        "prep_version": PREP_VERSION,
+        "key": key,
+        "source": {**source.describe(), "fingerprint": fingerprint},
+        "python": sys.version.split()[0],
+        "settings": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "labels": labels,
+        "documents": {s: sum(counts[s].values()) for s in SPLITS},
+        "class_counts": counts,
+        # "balanced" weights: n_samples / (n_classes * n_class), as scikit-learn computes them
+        "class_weights": (train_counts.sum() / (len(labels) * train_counts)).tolist(),
+        "skipped": collected["skipped"],
+        "warnings": warnings,
+        "text_sha256": _hash_texts(work),
+        "special_ids": {"pad": 0, "unk": 1, "bos": 2, "eos": 3},
+        **encoded,
+    }
+    (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _hash_texts(work: pathlib.Path) -> str:

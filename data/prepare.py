@@ -16,7 +16,8 @@ The input is streamed, never held in memory whole: a first pass (pure Python,
 no TensorFlow, so bad input fails fast) cleans each document and appends it
 to its split's text file; the vocabulary is learned from a bounded sample of
 the training text; a second pass encodes the split files in batches. The
-directory appears atomically (written under a temporary name, then renamed).
+directory appears atomically (written under a temporary name, then renamed;
+see utils.io.build_once, which also settles two processes preparing at once).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,6 +42,7 @@ from data.clean import clean_text
 from data.sources import Document, Source, open_source
 from utils.config import DataConfig
 from utils.errors import UserError
+from utils.io import build_once
 
 PREP_VERSION = 2  # bump when the same input and settings would give other output
 SPLITS = ("train", "val", "test")
@@ -334,6 +335,41 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> 
     return float(np.exp(-log_p[test].mean()))
 
 
+def cached_build(
+    source: Source,
+    cfg: DataConfig,
+    tokenizer: pathlib.Path | None,
+    build: Callable[[pathlib.Path, str, str], None],
+    log: Callable[[str], None],
+    kind: str = "",
+) -> tuple[Prepared, bool]:
+    """The prepared directory of `source` under `cfg`'s settings, built once per key.
+
+    The key hashes the input (and `tokenizer`, when one is given) and every
+    setting that changes the result, so the same input and settings find the
+    same directory, on any rank or host; `build(work, key, fingerprint)` fills
+    a new one (utils/io.py `build_once`: whole or not at all, and a builder
+    that lost the race to another uses the winner's).
+
+    Returns:
+        (the prepared data, whether it was built now rather than reused).
+    """
+    fingerprint = kind + source.fingerprint()
+    if tokenizer is not None:
+        fingerprint += hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
+    key = settings_key(fingerprint, cfg)
+    out = pathlib.Path(cfg.prepared_dir) / f"{source.name}-{key[:12]}"
+
+    def build_here(work: pathlib.Path) -> None:
+        log(f"data: preparing {source.name} into {out}")
+        build(work, key, fingerprint)
+
+    out, built = build_once(out, build_here, complete="meta.json")
+    if not built:
+        log(f"data: reusing {out}")
+    return load_prepared(out), built
+
+
 def prepare(
     cfg: DataConfig,
     progress: bool = True,
@@ -350,55 +386,59 @@ def prepare(
             one (to evaluate a trained run on other text).
     """
     source = open_source(cfg.path, cfg.format, cfg.text_column)
-    fingerprint = source.fingerprint()
-    if tokenizer is not None:
-        fingerprint += hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
-    key = settings_key(fingerprint, cfg)
-    root = pathlib.Path(cfg.prepared_dir)
-    out = root / f"{source.name}-{key[:12]}"
-    if (out / "meta.json").is_file():
-        log(f"data: reusing {out}")
-        return load_prepared(out)
-    log(f"data: preparing {source.name} into {out}")
-    root.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=root))
-    try:
-        split_stats = clean_and_split(source, cfg, work, progress)
-        if tokenizer is None:
-            tokenizer_path = learn_vocabulary(work, cfg, split_stats["chars"]["train"])
-        else:
-            tokenizer_path = work / "tokenizer.model"
-            shutil.copyfile(tokenizer, tokenizer_path)
-        counts, vocab_size, dtype = encode_splits(
-            work, tokenizer_path, split_stats["documents"], progress
-        )
-        meta = {
-            "prep_version": PREP_VERSION,
-            "key": key,
-            "source": {**source.describe(), "fingerprint": fingerprint},
-            "python": sys.version.split()[0],
-            "settings": dataclasses.asdict(cfg),
-            **split_stats,
-            "tokens": counts,
-            "vocab_size": vocab_size,
-            "dtype": dtype,
-            "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
-        }
-        prepared = Prepared(work, meta)
-        meta["unigram_perplexity"] = {
-            s: unigram_perplexity(prepared.tokens("train"), prepared.tokens(s), vocab_size)
-            for s in ("val", "test")
-        }
-        (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            work.rename(out)
-        except OSError:
-            if not (out / "meta.json").is_file():  # another host/process won the race: same content
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(
-        f"data: {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test tokens, "
-        f"vocabulary {vocab_size:,}"
+    prepared, built = cached_build(
+        source,
+        cfg,
+        tokenizer,
+        lambda work, key, fingerprint: _build(
+            work, source, cfg, key, fingerprint, tokenizer, progress
+        ),
+        log,
     )
-    return load_prepared(out)
+    if not built:
+        return prepared
+    counts = prepared.meta["tokens"]
+    log(
+        f"data: {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test "
+        f"tokens, vocabulary {prepared.vocab_size:,}"
+    )
+    return prepared
+
+
+def _build(
+    work: pathlib.Path,
+    source: Source,
+    cfg: DataConfig,
+    key: str,
+    fingerprint: str,
+    tokenizer: pathlib.Path | None,
+    progress: bool,
+) -> None:
+    """Write a prepared dataset into the empty directory `work`, meta.json last."""
+    split_stats = clean_and_split(source, cfg, work, progress)
+    if tokenizer is None:
+        tokenizer_path = learn_vocabulary(work, cfg, split_stats["chars"]["train"])
+    else:
+        tokenizer_path = work / "tokenizer.model"
+        shutil.copyfile(tokenizer, tokenizer_path)
+    counts, vocab_size, dtype = encode_splits(
+        work, tokenizer_path, split_stats["documents"], progress
+    )
+    meta = {
+        "prep_version": PREP_VERSION,
+        "key": key,
+        "source": {**source.describe(), "fingerprint": fingerprint},
+        "python": sys.version.split()[0],
+        "settings": dataclasses.asdict(cfg),
+        **split_stats,
+        "tokens": counts,
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+    }
+    prepared = Prepared(work, meta)
+    meta["unigram_perplexity"] = {
+        s: unigram_perplexity(prepared.tokens("train"), prepared.tokens(s), vocab_size)
+        for s in ("val", "test")
+    }
+    (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

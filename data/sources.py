@@ -21,7 +21,7 @@ import json
 import pathlib
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import NamedTuple
 
 from utils.errors import UserError
@@ -198,8 +198,15 @@ def _label(value: object, where: str, column: str) -> str:
     )
 
 
-class JsonlFile(Source):
-    """JSON Lines: one object per line, the text under `text_column` (and a label)."""
+class RecordFile(Source):
+    """Base of the JSONL and CSV readers: one file of records, text (and a label) in columns.
+
+    Each record is its own split group, named by its line number (`record<line>`);
+    errors name the file and line. Subclasses yield (line, text, label) from
+    `_records` and check their columns with `_require_columns`.
+    """
+
+    column_word = "column"  # what the format calls a column, for error messages
 
     def __init__(self, path: pathlib.Path, text_column: str, label_column: str | None = None):
         _check_text_file(path)
@@ -209,10 +216,6 @@ class JsonlFile(Source):
             label_column,
             path.stem,
         )
-        for lineno, line in self._lines(path):
-            if line.strip():  # check the first record now, the rest while reading
-                self._record(lineno, line)
-                break
 
     def describe(self) -> dict:
         return {**super().describe(), "column": self.column, "label_column": self.label_column}
@@ -220,18 +223,62 @@ class JsonlFile(Source):
     def files(self) -> list[pathlib.Path]:
         return [self.path]
 
+    def _where(self, lineno: int) -> str:
+        return f"{self.path}:{lineno}"
+
+    def _columns(self) -> Iterator[tuple[str, str]]:
+        """(column, option setting it) of each column read: the text's, then the label's."""
+        for key, option in ((self.column, "text_column"), (self.label_column, "label_column")):
+            if key is not None:
+                yield key, option
+
+    def _require_columns(self, lineno: int, present: Collection[str]) -> None:
+        """Fail, naming the file, line and the columns there are, unless all read are present."""
+        for key, option in self._columns():
+            if key not in present:
+                word, listing = self.column_word, self._listing(present)
+                raise UserError(
+                    f"{self._where(lineno)}: no {key!r} {word} ({word}s: {listing}); "
+                    f"set --data.{option}"
+                )
+
+    def _listing(self, present: Collection[str]) -> str:
+        """The columns there are, for an error message."""
+        return ", ".join(present)
+
+    def _records(self) -> Iterator[tuple[int, str, str | None]]:
+        """(line number, text, label or None) of each record."""
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[Document]:
+        for lineno, text, label in self._records():
+            yield Document(f"record{lineno}", text, label=label)
+
+
+class JsonlFile(RecordFile):
+    """JSON Lines: one object per line, the text under `text_column` (and a label)."""
+
+    column_word = "key"
+
+    def __init__(self, path: pathlib.Path, text_column: str, label_column: str | None = None):
+        super().__init__(path, text_column, label_column)
+        for lineno, line in self._lines(path):
+            if line.strip():  # check the first record now, the rest while reading
+                self._record(lineno, line)
+                break
+
+    def _listing(self, present: Collection[str]) -> str:
+        return ", ".join(sorted(map(str, present))) or "none"
+
     def _record(self, lineno: int, line: str) -> tuple[str, str | None]:
-        where = f"{self.path}:{lineno}"
+        where = self._where(lineno)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for key, option in ((self.column, "text_column"), (self.label_column, "label_column")):
-            if key is not None and key not in record:
-                keys = ", ".join(sorted(map(str, record))) or "none"
-                raise UserError(f"{where}: no {key!r} key (keys: {keys}); set --data.{option}")
+        self._require_columns(lineno, record)
         text = record[self.column]
         if text is not None and not isinstance(text, str):
             raise UserError(f"{where}: {self.column!r} must be a string, got {type(text).__name__}")
@@ -242,42 +289,22 @@ class JsonlFile(Source):
         )
         return text or "", label
 
-    def documents(self) -> Iterator[Document]:
+    def _records(self) -> Iterator[tuple[int, str, str | None]]:
         for lineno, line in self._lines(self.path):
             if line.strip():
-                text, label = self._record(lineno, line)
-                yield Document(f"record{lineno}", text, label=label)
+                yield lineno, *self._record(lineno, line)
 
 
-class CsvFile(Source):
+class CsvFile(RecordFile):
     """CSV with a header row; the text under the `text_column` column (and a label)."""
 
     def __init__(self, path: pathlib.Path, text_column: str, label_column: str | None = None):
-        _check_text_file(path)
-        self.path, self.column, self.label_column, self.name = (
-            path,
-            text_column,
-            label_column,
-            path.stem,
-        )
+        super().__init__(path, text_column, label_column)
         header = next(self._rows(), None)
         if header is None:
             raise UserError(f"{path}: no header row")
-        self.index = {}
-        for key, option in ((text_column, "text_column"), (label_column, "label_column")):
-            if key is None:
-                continue
-            if key not in header[1]:
-                raise UserError(
-                    f"{path}:1: no {key!r} column (columns: {', '.join(header[1])}); set --data.{option}"
-                )
-            self.index[key] = header[1].index(key)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "column": self.column, "label_column": self.label_column}
-
-    def files(self) -> list[pathlib.Path]:
-        return [self.path]
+        self._require_columns(1, header[1])
+        self.index = {key: header[1].index(key) for key, _ in self._columns()}
 
     def _rows(self) -> Iterator[tuple[int, list[str]]]:
         csv.field_size_limit(sys.maxsize)
@@ -287,9 +314,9 @@ class CsvFile(Source):
             for row in reader:
                 yield reader.line_num, row
         except csv.Error as e:
-            raise UserError(f"{self.path}:{reader.line_num}: malformed CSV ({e})") from None
+            raise UserError(f"{self._where(reader.line_num)}: malformed CSV ({e})") from None
 
-    def documents(self) -> Iterator[Document]:
+    def _records(self) -> Iterator[tuple[int, str, str | None]]:
         rows = self._rows()
         next(rows)  # header
         width = max(self.index.values()) + 1
@@ -298,10 +325,10 @@ class CsvFile(Source):
                 continue
             if len(row) < width:
                 raise UserError(
-                    f"{self.path}:{lineno}: row has {len(row)} fields, the header {width} or more"
+                    f"{self._where(lineno)}: row has {len(row)} fields, the header {width} or more"
                 )
             label = row[self.index[self.label_column]].strip() if self.label_column else None
-            yield Document(f"record{lineno}", row[self.index[self.column]], label=label)
+            yield lineno, row[self.index[self.column]], label
 
 
 class StdlibDocstrings(Source):

@@ -8,7 +8,10 @@ result with less work on the CPU under XLA (docs/performance.md).
 counter hash that XLA fuses (models/dropout.py).
 """
 
-import utils  # noqa: F401  (TensorFlow's CPU defaults, before TensorFlow is imported)
-from models import matmul_grad as _matmul_grad
+from utils.tf_env import import_tensorflow  # TensorFlow's CPU defaults come with `utils`
+
+import_tensorflow()  # quietly, before any model module imports it
+
+from models import matmul_grad as _matmul_grad  # noqa: E402
 
 _matmul_grad.install()

@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 
 import keras
-import keras_hub
 import numpy as np
 from keras import ops
 from keras_hub.src.layers.modeling.transformer_layer_utils import (
@@ -207,11 +206,8 @@ class TensorParallelCausalLM(keras.Model):
             max_sequence_length=max_sequence_length,
             dropout=dropout,
         )
-        self.token_embedding = keras.layers.ReversibleEmbedding(
-            vocabulary_size, hidden_dim, embeddings_initializer=_init(0.01), name="token_embedding"
-        )
-        self.position_embedding = keras_hub.layers.PositionEmbedding(
-            sequence_length=max_sequence_length, initializer=_init(0.02), name="position_embedding"
+        self.token_embedding, self.position_embedding = CausalTransformer.embeddings(
+            vocabulary_size, hidden_dim, max_sequence_length
         )
         self.embeddings_dropout = keras.layers.Dropout(dropout, seed=seed)
         self.blocks = [

@@ -5,6 +5,8 @@
       -> layer norm -> projection onto the vocabulary (tied to the embedding)
       -> logits (B, T, V)
 
+The graph, constructor and config are TransformerBackbone's (models/backbone.py,
+a keras_hub.models.Backbone); this module picks its embedding, blocks and output.
 The model takes tensors only: it knows nothing of files, tokenizers or ranks.
 """
 
@@ -13,123 +15,37 @@ from __future__ import annotations
 import keras
 import keras_hub
 
-from models import dropout
+from models.backbone import TransformerBackbone, initializer
 from utils.config import ModelConfig
 
-
-def _init(stddev: float = 0.02) -> keras.initializers.Initializer:
-    return keras.initializers.RandomNormal(stddev=stddev)
+_init = initializer  # the name models/tensor_parallel.py and older code import
 
 
 @keras.saving.register_keras_serializable(package="keras_horovod_lm")
-class CausalTransformer(keras.Model):
-    """Decoder-only Transformer language model (functional, keras-hub layers).
+class CausalTransformer(TransformerBackbone):
+    """Decoder-only Transformer language model (a keras-hub Backbone).
 
-    Args:
-        vocabulary_size: int. Number of token ids.
-        num_layers: int. Number of TransformerDecoder blocks.
-        num_heads: int. Attention heads per block; must divide `hidden_dim`.
-        hidden_dim: int. Width of the residual stream.
-        intermediate_dim: int. Width of each block's feed-forward layer.
-        max_sequence_length: int. Longest input (size of the position table).
-        dropout: float. Dropout rate in embeddings, attention and feed-forward.
-
-    Inputs are a dict: `token_ids` (int, B x T) and `padding_mask` (int/bool,
-    B x T, 1 for real tokens). The output is next-token logits (B x T x V).
+    Arguments are TransformerBackbone's (models/backbone.py): vocabulary_size,
+    num_layers, num_heads, hidden_dim, intermediate_dim, max_sequence_length,
+    dropout, dtype. The blocks are keras-hub TransformerDecoders (causal
+    self-attention, no cross-attention). Inputs are a dict: `token_ids` (int,
+    B x T) and `padding_mask` (int/bool, B x T, 1 for real tokens). The output
+    is next-token logits (B x T x V), projected by the token embedding.
     """
 
-    def __init__(
-        self,
-        vocabulary_size: int,
-        num_layers: int,
-        num_heads: int,
-        hidden_dim: int,
-        intermediate_dim: int,
-        max_sequence_length: int,
-        dropout: float = 0.0,
-        **kwargs,
-    ):
-        if hidden_dim % num_heads:
-            raise ValueError(
-                "`hidden_dim` must be divisible by `num_heads`. "
-                f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
-            )
-        # === Layers ===
-        token_embedding = keras.layers.ReversibleEmbedding(
-            vocabulary_size, hidden_dim, embeddings_initializer=_init(0.01), name="token_embedding"
-        )
-        position_embedding = keras_hub.layers.PositionEmbedding(
-            sequence_length=max_sequence_length, initializer=_init(0.02), name="position_embedding"
-        )
-        blocks = [
-            keras_hub.layers.TransformerDecoder(
-                intermediate_dim=intermediate_dim,
-                num_heads=num_heads,
-                dropout=dropout,
-                activation="gelu",
-                kernel_initializer=_init(0.02),
-                normalize_first=True,
-                name=f"transformer_layer_{i}",
-            )
-            for i in range(num_layers)
-        ]
+    token_embedding_class = keras.layers.ReversibleEmbedding  # also the output projection
+    token_embedding_stddev = 0.01
+    transformer_layer_class = keras_hub.layers.TransformerDecoder
+    padding_mask_argument = "decoder_padding_mask"  # the causal mask is implied
 
-        # === Functional model ===
-        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = token_embedding(token_ids)  # (B, T, D)
-        x = keras.layers.Add(name="embeddings_add")([x, position_embedding(x)])
-        x = keras.layers.Dropout(dropout, name="embeddings_dropout")(x)
-        for block in blocks:
-            x = block(x, decoder_padding_mask=padding_mask)  # causal mask is implied
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
-        logits = token_embedding(x, reverse=True)  # (B, T, V), weights tied to the input embedding
-        super().__init__(
-            inputs={"token_ids": token_ids, "padding_mask": padding_mask}, outputs=logits, **kwargs
-        )
-
-        # === Config ===
-        self.vocabulary_size = vocabulary_size
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.max_sequence_length = max_sequence_length
-        self.dropout = dropout
-
-    def get_config(self) -> dict:
-        # Not chained to super(): a functional model's config is its layer graph,
-        # which this constructor rebuilds from these arguments.
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "vocabulary_size": self.vocabulary_size,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "max_sequence_length": self.max_sequence_length,
-            "dropout": self.dropout,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict) -> CausalTransformer:
-        return cls(**config)
+    def _output(self, sequence: keras.KerasTensor) -> keras.KerasTensor:
+        """Logits (B, T, V): weights tied to the input embedding."""
+        return self.token_embedding(sequence, reverse=True)
 
 
 def build_causal_lm(config: ModelConfig, vocabulary_size: int) -> CausalTransformer:
     """The causal LM described by the `model` section of a run's config."""
-    dropout.use(config.dropout_masks)
-    return CausalTransformer(
-        vocabulary_size=vocabulary_size,
-        num_layers=config.n_layers,
-        num_heads=config.n_heads,
-        hidden_dim=config.d_model,
-        intermediate_dim=config.d_ff,
-        max_sequence_length=config.seq_len,
-        dropout=config.dropout,
-        name="causal_transformer",
-    )
+    return CausalTransformer.from_model_config(config, vocabulary_size, "causal_transformer")
 
 
 def count_params(model: keras.Model) -> int:

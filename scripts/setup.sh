@@ -65,7 +65,7 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 log "installing the project and its dependencies (TensorFlow, keras-hub, ...)"
 "${PIP[@]}" install -q --upgrade pip setuptools wheel
-"${PIP[@]}" install -q -e ".[$all_extras]"
+"${PIP[@]}" install -q ".[$all_extras]"  # dependencies (the code runs from the checkout)
 
 if [ "$SKIP_HOROVOD" = 1 ]; then
   log "SKIP_HOROVOD=1: Horovod not installed; main.py runs as one process"

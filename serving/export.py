@@ -30,7 +30,7 @@ from utils.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 32
 MAX_NEW_TOKENS_LIMIT = 256
-TOP_K = 10  # inference.make_sampler's default k
+TOP_K = 10  # models.generation.make_sampler's default k
 TEMPERATURE = 1.0
 MANIFEST = "serving.json"
 
@@ -40,39 +40,22 @@ def default_out(run_dir: str | os.PathLike, quantize: str | None) -> pathlib.Pat
     return pathlib.Path(run_dir) / ("export" if not quantize else f"export-{quantize}")
 
 
-def load_trained(run_dir: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, config.json) of a finished run; UserError when it has no model."""
+def load_trained(run_dir: str | os.PathLike):
+    """The finished run to export (models/inference.py); UserError for a masked-LM run."""
+    from models.inference import load_run
     from utils.run_dir import RunDir
 
-    rd = RunDir(run_dir)
-    config = rd.read_config()
-    for required in (rd.model, rd.tokenizer):
-        if not required.is_file():
-            raise UserError(f"{rd.path}: no {required.name} (has the run finished training?)")
-    if config["config"]["task"] == "mlm":
+    if RunDir(run_dir).load_config().task == "mlm":  # before loading anything
         raise UserError(
-            f"{rd.path}: a --task mlm run; nothing to serve (export a causal_lm or classify run)"
+            f"{run_dir}: a --task mlm run; nothing to serve (export a causal_lm or classify run)"
         )
-    from utils.tf_env import import_tensorflow
-
-    import_tensorflow()
-    import keras
-
-    import models.encoder
-    import models.transformer  # noqa: F401  (registers the model classes)
-    from data.prepare import load_tokenizer
-
-    try:
-        model = keras.saving.load_model(rd.model, compile=False)
-    except Exception as e:
-        raise UserError(f"{rd.model}: cannot be loaded ({type(e).__name__}: {e})") from None
-    return model, load_tokenizer(rd.tokenizer), config
+    return load_run(run_dir)
 
 
 def next_logits_fn(model: Any):
     """(window [B, seq_len], last [B]) -> the model's logits at each row's `last` position [B, V].
 
-    Padding (id 0) is masked, as inference.generate_ids does.
+    Padding (id 0) is masked, as models.generation.generate_ids does.
     """
     import tensorflow as tf
 
@@ -132,7 +115,7 @@ def causal_lm_functions(model: Any, tokenizer: Any, seq_len: int) -> dict[str, A
 def classify_functions(
     model: Any, tokenizer: Any, seq_len: int, labels: list[str], lowercase: bool
 ) -> dict[str, Any]:
-    """The classification signature: cleaned, tokenized, cut to seq_len, as inference.predict."""
+    """The classification signature: cleaned, tokenized, cut to seq_len, as Classify.predict."""
     import tensorflow as tf
 
     from serving.graph import clean_text
@@ -197,9 +180,9 @@ def export_run(
         check_mode(quantize)
     target = pathlib.Path(out) if out else default_out(run_dir, quantize)
     check_target(target)
-    model, tokenizer, config = load_trained(run_dir)
+    run = load_trained(run_dir)
+    model, tokenizer, seq_len, task = run.model, run.tokenizer, run.seq_len, run.config.task
     quantized = quantize_model(model, quantize) if quantize else {}
-    task, seq_len = config["config"]["task"], int(config["config"]["model"]["seq_len"])
     manifest: dict[str, Any] = {"task": task}
     if task == "causal_lm":
         functions = causal_lm_functions(model, tokenizer, seq_len)
@@ -210,9 +193,8 @@ def export_run(
             temperature=TEMPERATURE,
         )
     else:
-        labels = list(config["data"]["labels"])
-        lowercase = bool(config["config"]["data"]["lowercase"])
-        functions = classify_functions(model, tokenizer, seq_len, labels, lowercase)
+        labels = run.labels
+        functions = classify_functions(model, tokenizer, seq_len, labels, run.config.data.lowercase)
         manifest["labels"] = labels
     try:  # traces the signatures: where a quantized layer that cannot run in a graph fails
         manifest["signatures"] = signatures_manifest(functions)

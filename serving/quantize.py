@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from utils.config import QUANTIZE_MODES as MODES
 from utils.errors import UserError
-
-MODES = ("int8", "int4", "float8")
 
 
 def check_mode(mode: str) -> None:

@@ -1,13 +1,15 @@
-"""Shared fixtures: small corpora, a command-line runner, Horovod launch helpers."""
+"""Shared fixtures and helpers: small corpora, a command-line runner, Horovod launch helpers."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,18 +42,31 @@ SAMPLE_TEXT = (
 )
 
 
+def main_command(*args: str) -> list[str]:
+    """The command line `python main.py ARGS`, with this interpreter."""
+    return [PYTHON, str(ROOT / "main.py"), *args]
+
+
 def run_cli(
     *args: str, cwd: pathlib.Path, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`python main.py ARGS` in `cwd`, capturing output."""
     return subprocess.run(
-        [PYTHON, str(ROOT / "main.py"), *args],
+        main_command(*args),
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **CHILD_ENV, **(env or {})},
     )
+
+
+def horovodrun_command(
+    np: int, *command: str, hosts: str | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The command line `horovodrun -np N -H HOSTS --gloo [EXTRA] COMMAND` (HOSTS: localhost:N)."""
+    launcher = [HOROVODRUN, "-np", str(np), "-H", hosts or f"localhost:{np}", "--gloo", *extra]
+    return [*launcher, *command]
 
 
 def horovodrun(
@@ -64,15 +79,84 @@ def horovodrun(
     extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """`horovodrun -np N --gloo [EXTRA] COMMAND` on localhost (or `hosts`), capturing output."""
-    launcher = [HOROVODRUN, "-np", str(np), "-H", hosts or f"localhost:{np}", "--gloo", *extra]
     return subprocess.run(
-        [*launcher, *command],
+        horovodrun_command(np, *command, hosts=hosts, extra=extra),
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **CHILD_ENV, **(env or {})},
     )
+
+
+def horovodrun_cli(np: int, *args: str, cwd: pathlib.Path, **kwargs) -> subprocess.CompletedProcess:
+    """`horovodrun -np N ... python main.py ARGS` (keyword arguments as for `horovodrun`)."""
+    return horovodrun(np, *main_command(*args), cwd=cwd, **kwargs)
+
+
+def start_process(*command: str, cwd: pathlib.Path) -> subprocess.Popen:
+    """Start `command` in a session of its own (so `os.killpg` ends all it started).
+
+    Its stdout and stderr come merged, as text, through `process.stdout`.
+    """
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **CHILD_ENV},
+        start_new_session=True,
+    )
+
+
+def wait_for_checkpoint(
+    run_dir: pathlib.Path, at_least: int, process: subprocess.Popen, timeout: float = 300
+) -> int:
+    """Wait until `run_dir` holds a checkpoint at step `at_least` or later; return its step.
+
+    Fails if `process` (the run) ends first, or after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [
+            int(p.name.split("-")[1])
+            for p in (run_dir / "checkpoints").glob("step-*")
+            if p.is_dir()
+        ]
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the run ended before step {at_least}: {process.stdout.read()[-3000:]}"
+            )
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {at_least} within {timeout} s")
+
+
+def rank_pid(rank: int, marker: str) -> int | None:
+    """PID of the python worker of `rank` whose command line contains `marker`."""
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            f"HOROVOD_RANK={rank}".encode() in environ
+            and marker.encode() in cmdline
+            and b"/bin/sh" not in cmdline[0]
+        ):
+            return int(proc.name)
+    return None
+
+
+def world_shape(run_dir: pathlib.Path) -> tuple[int, int, int]:
+    """(size, cross_size, local_size) of the world a run recorded in its config.json."""
+    world = json.loads((run_dir / "config.json").read_text())["world"]
+    return world["size"], world["cross_size"], world["local_size"]
 
 
 def write_corpus(path: pathlib.Path, paragraphs: int = 400, seed: int = 0) -> pathlib.Path:
@@ -104,6 +188,39 @@ def write_corpus(path: pathlib.Path, paragraphs: int = 400, seed: int = 0) -> pa
         for _ in range(paragraphs)
     ]
     path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return path
+
+
+# Three topics of distinct words: a classifier can learn them in a few steps.
+TOPICS = {
+    "mail": "message header address sender inbox reply attachment".split(),
+    "loop": "coroutine task future event await callback schedule".split(),
+    "file": "path directory read write open close buffer".split(),
+}
+
+
+def write_labeled(
+    path: pathlib.Path, per_class: int = 120, seed: int = 0, fmt: str = "jsonl", extra=()
+) -> pathlib.Path:
+    """A small labelled dataset (JSONL, or CSV with fmt="csv"); the label is its words' topic.
+
+    `per_class` rows of each of TOPICS, then the rows of `extra` ({"text", "label"} dicts).
+    """
+    import numpy as np  # not at the top: there, `np` names a process count (horovodrun)
+
+    rng = np.random.default_rng(seed)
+    rows = [
+        {"text": " ".join(rng.choice(words, size=rng.integers(5, 15))) + f" {i}", "label": label}
+        for label, words in TOPICS.items()
+        for i in range(per_class)
+    ] + list(extra)
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["label", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
     return path
 
 

@@ -10,35 +10,12 @@ import pytest
 from data.labeled import assign_groups, documents, prepare_labeled, texts
 from data.load import Documents, Windows
 from models.encoder import BACKBONE_NAME, EncoderBackbone, build_backbone, build_classifier
-from tasks import MASK_ID, Classify, MaskedLM
-from tests.conftest import run_cli
+from models.tasks import MASK_ID, Classify, MaskedLM
+from tests.conftest import TOPICS, run_cli, write_labeled
 from utils.config import Config, DataConfig, ModelConfig
 from utils.errors import UserError
 
 ENCODER = ModelConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32, seq_len=24, dropout=0.0)
-TOPICS = {
-    "mail": "message header address sender inbox reply attachment".split(),
-    "loop": "coroutine task future event await callback schedule".split(),
-    "file": "path directory read write open close buffer".split(),
-}
-
-
-def write_labeled(path, per_class=120, seed=0, fmt="jsonl", extra=()):
-    """A small labelled dataset; the label is the topic the words come from."""
-    rng = np.random.default_rng(seed)
-    rows = [
-        {"text": " ".join(rng.choice(words, size=rng.integers(5, 15))) + f" {i}", "label": label}
-        for label, words in TOPICS.items()
-        for i in range(per_class)
-    ] + list(extra)
-    if fmt == "jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["label", "text"])
-            writer.writeheader()
-            writer.writerows(rows)
-    return path
 
 
 def _prepare(tmp_path, path, **kw):
@@ -191,7 +168,7 @@ def pretrained_and_finetuned(tmp_path_factory):
 
 @pytest.mark.slow
 def test_init_from_copies_the_encoder_and_trains_a_new_head(pretrained_and_finetuned, tmp_path):
-    from inference import load_run
+    from models.inference import load_run
 
     work, _ = pretrained_and_finetuned
     pretrained = load_run(work / "mlm").model.get_layer(BACKBONE_NAME)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, horovodrun, requires_horovod, run_cli, write_corpus
+from tests.conftest import ROOT, horovodrun_cli, requires_horovod, run_cli, write_corpus
 
 
 def _assert_clean_error(result, message, run_dir=None):
@@ -186,16 +186,7 @@ def test_runs_without_horovod_installed(tmp_path):
 @requires_horovod
 def test_tiny_run_under_horovodrun_np2_and_exact_evaluation(tmp_path):
     run_dir = tmp_path / "runs" / "np2"
-    result = horovodrun(
-        2,
-        PYTHON,
-        str(ROOT / "main.py"),
-        "--preset",
-        "tiny",
-        "--run-dir",
-        str(run_dir),
-        cwd=tmp_path,
-    )
+    result = horovodrun_cli(2, "--preset", "tiny", "--run-dir", str(run_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _check_run(run_dir, 2, 512)
     # rank 0 alone prints

@@ -4,12 +4,56 @@ import json
 
 import pytest
 
-from utils.config import PRESETS, Config, resolve
+from utils.config import DEFAULT_PRESET, PRESETS, SECTIONS, Config, resolve
 from utils.errors import UserError
 
+# What --task mlm and --task classify change from the dataclass defaults.
+MLM = {"task": "mlm", "train.batch_size": 16}
+CLASSIFY = {
+    "task": "classify",
+    "data.val_fraction": 0.15,
+    "data.test_fraction": 0.15,
+    "train.batch_size": 16,
+    "train.epochs": 20,
+    "train.early_stopping_patience": 4,
+    "train.checkpoint_every": 0,
+}
 
-def test_defaults_are_the_default_preset():
-    assert resolve("small", None, {}) == Config()
+
+def changed(config: Config) -> dict[str, object]:
+    """The settings of `config` that differ from the dataclass defaults, as {"section.key": v}."""
+    default, mine = Config().to_dict(), config.to_dict()
+    out = {"task": mine["task"]} if mine["task"] != default["task"] else {}
+    for section in SECTIONS:
+        for key, value in mine[section].items():
+            if value != default[section][key]:
+                out[f"{section}.{key}"] = value
+    return out
+
+
+def test_task_defaults_come_before_the_preset():
+    """No --preset is `small`: the dataclass defaults; a task's own defaults go under the preset."""
+    assert DEFAULT_PRESET == "small"
+    assert changed(resolve(DEFAULT_PRESET, None, {})) == {}
+    assert changed(resolve(DEFAULT_PRESET, None, {}, task="mlm")) == MLM
+    assert changed(resolve(DEFAULT_PRESET, None, {}, task="classify")) == CLASSIFY
+    # The tiny preset sets batch_size, epochs (4, the dataclass default) and checkpoint_every
+    # too: its values win. The held-out shares and early stopping stay classify's.
+    assert changed(resolve("tiny", None, {}, task="classify")) == {
+        **changed(resolve("tiny", None, {})),
+        "task": "classify",
+        "data.val_fraction": 0.15,
+        "data.test_fraction": 0.15,
+        "train.early_stopping_patience": 4,
+    }
+
+
+def test_the_task_in_a_config_file_brings_its_defaults(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("task: classify\n")
+    assert changed(resolve(DEFAULT_PRESET, str(cfg_file), {})) == CLASSIFY
+    # The command line's --task beats the file's, and brings its own defaults alone.
+    assert changed(resolve(DEFAULT_PRESET, str(cfg_file), {}, task="mlm")) == MLM
 
 
 def test_precedence_preset_then_file_then_flags(tmp_path):

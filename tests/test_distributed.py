@@ -8,15 +8,17 @@ what it compares, so all ranks reach the same verdict. Steps run through
 the train function that model.fit calls.
 """
 
+from collections import Counter
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from data.load import Windows
-from evaluate import evaluate_shards, make_eval_fn
+from models.tasks import CausalLM, model_inputs
+from models.tasks.base import evaluate_shards, make_eval_fn
 from models.transformer import build_causal_lm
-from tasks import Task, model_inputs
 from train import build_optimizer, compile_model
 from utils import distributed
 from utils.config import Config, ModelConfig, TrainConfig
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.multiprocess
 
 VOCAB = 24
 MODEL = ModelConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32, seq_len=8, dropout=0.1)
-LM = Task(Config())  # the causal-LM loss and metrics (the task's data is not used here)
+LM = CausalLM(Config())  # the causal-LM loss and metrics (the task's data is not used here)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,14 @@ def test_ranks_start_apart_and_end_identical(world):
     initials = distributed.allgather_object(initial, name="initial")
     finals = distributed.allgather_object(final, name="final")
     assert not np.array_equal(initials[0], initials[1]), "ranks should start from different weights"
-    assert len(finals[0]) > len(MODEL.__dict__)  # weights and optimizer slots
+    # What is compared is the whole state: each of the model's 36 weights (2 embeddings; per
+    # block, 4 attention kernels and biases, 2 layer norms, 2 dense layers; the final norm),
+    # AdamW's 2 slots (momentum, velocity) per weight, Keras's iteration counter and the
+    # DistributedOptimizer's count of skipped non-finite steps.
+    weights = 2 + 16 * MODEL.n_layers + 2
+    assert len(finals[0]) == 3 * weights + 2 == 110
+    shapes = [a.shape for a in finals[0]]
+    assert Counter(shapes[weights:]) == Counter(2 * shapes[:weights] + [(), ()])
     for a, b in zip(finals[0], finals[1], strict=True):
         np.testing.assert_array_equal(a, b)  # every weight and optimizer slot, bit for bit
 
@@ -216,7 +225,7 @@ def test_classifier_fine_tuning_keeps_ranks_identical(world):
     """The encoder + classification head, trained with class weights on each rank's documents."""
     _need_two(world)
     from data.load import Documents
-    from tasks import Classify
+    from models.tasks import Classify
 
     task = Classify(Config(task="classify", model=MODEL))
     task.prepared = type(
@@ -253,7 +262,7 @@ def test_classifier_fine_tuning_keeps_ranks_identical(world):
         np.testing.assert_array_equal(a, b)
 
 
-class _WeightedLM(Task):
+class _WeightedLM(CausalLM):
     """The causal LM with its row weights as Keras sample weights: a NaN weight poisons a loss."""
 
     def fit_dataset(self, dataset, training):

@@ -12,15 +12,15 @@ import time
 import pytest
 
 from tests.conftest import (
-    CHILD_ENV,
     HOROVODRUN,
-    PYTHON,
-    ROOT,
+    main_command,
+    rank_pid,
     requires_horovod,
     run_cli,
+    start_process,
+    wait_for_checkpoint,
     write_corpus,
 )
-from tests.test_reliability import _rank_pid, _wait_for_checkpoint
 
 STEPS = 20  # per epoch, at either size (a cap): 3 epochs, a commit and a checkpoint every 5 steps
 RUN = (
@@ -97,28 +97,14 @@ def test_a_killed_worker_leaves_the_survivor_to_finish_at_world_size_1(tmp_path)
         "--reset-limit",
         "2",
         "--gloo",
-        PYTHON,
-        str(ROOT / "main.py"),
-        "--elastic",
-        *RUN,
-        *data,
-        "--run-dir",
-        str(run_dir),
+        *main_command("--elastic", *RUN, *data, "--run-dir", str(run_dir)),
     ]
-    process = subprocess.Popen(
-        launch,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **CHILD_ENV},
-        start_new_session=True,
-    )
+    process = start_process(*launch, cwd=tmp_path)
     output = _Lines(process)
     try:
         # Mid-epoch 2: the last commit (step 25) is not at an epoch end.
-        _wait_for_checkpoint(run_dir, STEPS + 5, process, timeout=120)
-        victim = _rank_pid(1, str(run_dir))
+        wait_for_checkpoint(run_dir, STEPS + 5, process, timeout=120)
+        victim = rank_pid(1, str(run_dir))
         assert victim is not None, "rank 1's process was not found"
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()

@@ -84,7 +84,7 @@ def test_evaluate_errors(tiny_run, tmp_path):
 
 
 def test_generation_is_deterministic_for_a_seed(tiny_run):
-    from inference import generate, load_run
+    from models.inference import generate, load_run
 
     run = load_run(tiny_run)
     greedy = generate(run, ["Return the"], max_new_tokens=12)

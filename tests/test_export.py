@@ -14,8 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import CHILD_ENV, PYTHON, run_cli
-from tests.test_classify import write_labeled
+from tests.conftest import CHILD_ENV, PYTHON, run_cli, write_labeled
 
 PROMPTS = [
     "Return the",
@@ -40,7 +39,7 @@ for call in calls:
     fn = loaded[call["dir"]].signatures[call["signature"]]
     result = fn(**{k: tf.constant(v) for k, v in call["inputs"].items()})
     out.append({k: v.numpy().tolist() for k, v in result.items()})
-project = {"keras_hub", "inference", "main", "tasks", "models", "data", "utils", "serving"}
+project = {"keras_hub", "main", "train", "evaluate", "models", "data", "utils", "serving"}
 imported = sorted(project & set(sys.modules))
 print(json.dumps({"results": out, "imported": imported}, default=bytes.decode))
 """
@@ -85,7 +84,8 @@ def lm_exports(tiny_run, tmp_path_factory) -> dict[str, pathlib.Path]:
 @pytest.mark.slow
 def test_causal_lm_export_matches_python_inference(tiny_run, lm_exports):
     from data.prepare import EOS_ID
-    from inference import generate_ids, load_run, make_sampler
+    from models.generation import generate_ids, make_sampler
+    from models.inference import load_run
 
     f32, int8 = lm_exports["float32"], lm_exports["int8"]
     manifest = json.loads((f32 / "serving.json").read_text())
@@ -161,7 +161,7 @@ def test_causal_lm_export_matches_python_inference(tiny_run, lm_exports):
 def test_classify_export_agrees_with_predict(tmp_path):
     import tensorflow as tf
 
-    import inference
+    from models import inference
     from serving.export import export_run
 
     data = write_labeled(tmp_path / "topics.jsonl", per_class=60)
@@ -252,7 +252,7 @@ def fake_lm(inputs, training=False):
 def test_generation_loop_feeds_the_windows_python_inference_feeds():
     import tensorflow as tf
 
-    from inference import generate_ids, make_sampler
+    from models.generation import generate_ids, make_sampler
     from serving.export import next_logits_fn
     from serving.graph import generation_loop
 

@@ -27,7 +27,6 @@ binds to whatever the hostname resolves to; with `127.0.0.1 <hostname>` (or Debi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import shlex
@@ -39,7 +38,13 @@ import time
 
 import pytest
 
-from tests.conftest import CHILD_ENV, HOROVODRUN, PYTHON, ROOT, requires_horovod
+from tests.conftest import (
+    CHILD_ENV,
+    horovodrun_command,
+    main_command,
+    requires_horovod,
+    world_shape,
+)
 
 SSHD = "/usr/sbin/sshd"  # Debian's path; sshd must be started by its absolute path
 SSH_PORT = 2222  # any port is free in a fresh namespace; not 22, so --ssh-port is exercised
@@ -213,33 +218,22 @@ def two_hosts(tmp_path):
 def test_two_namespaces_over_ssh_give_cross_size_2(tmp_path, two_hosts):
     namespace, client_key, bin_dir = two_hosts
     run_dir = tmp_path / "run"
-    command = _in_netns(
-        namespace,
-        HOROVODRUN,
-        "-np",
-        "2",
-        "-H",
-        ",".join(f"{address}:1" for address in ADDRESSES),
-        "--gloo",
-        "--network-interface",
-        NIC,
-        "--ssh-port",
-        str(SSH_PORT),
-        "--ssh-identity-file",
-        str(client_key),
-        PYTHON,
-        str(ROOT / "main.py"),
-        "--preset",
-        "tiny",
-        "--train.epochs=1",
-        "--run-dir",
-        str(run_dir),
+    ssh = ("--ssh-port", str(SSH_PORT), "--ssh-identity-file", str(client_key))
+    launch = horovodrun_command(
+        2,
+        *main_command("--preset", "tiny", "--train.epochs=1", "--run-dir", str(run_dir)),
+        hosts=",".join(f"{address}:1" for address in ADDRESSES),
+        extra=("--network-interface", NIC, *ssh),
     )
     env = {**os.environ, **CHILD_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     # On a timeout, the fixture kills whatever is left in the namespaces.
     result = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env
+        _in_netns(namespace, *launch),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    world = json.loads((run_dir / "config.json").read_text())["world"]
-    assert (world["size"], world["cross_size"], world["local_size"]) == (2, 2, 1)
+    assert world_shape(run_dir) == (2, 2, 1)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import data.prepare
 from data.prepare import (
     EOS_ID,
     load_prepared,
@@ -83,6 +84,24 @@ def test_unchanged_input_is_reused_and_changed_input_is_not(tmp_path):
     assert not [
         p for p in (tmp_path / "prepared").iterdir() if p.name.startswith(".")
     ]  # no temp dirs left
+
+
+def test_prepare_that_loses_the_race_uses_the_winners_directory(tmp_path, monkeypatch):
+    """Another process prepares the same input while this one builds: one directory, theirs."""
+    cfg = _cfg(tmp_path, write_corpus(tmp_path / "c.txt", paragraphs=300))
+    real_build, builds, winner = data.prepare._build, [], []
+
+    def build_while_another_finishes(work, *args):
+        builds.append(work)
+        real_build(work, *args)
+        if len(builds) == 1:  # the other process's own build, started here, starts no third
+            winner.append(prepare(cfg, progress=False, log=lambda *_: None))
+
+    monkeypatch.setattr(data.prepare, "_build", build_while_another_finishes)
+    loser = prepare(cfg, progress=False, log=lambda *_: None)
+    assert len(builds) == 2 and builds[0] != builds[1]
+    assert loser.dir == winner[0].dir and loser.meta == winner[0].meta
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == [loser.dir.name]
 
 
 def test_split_is_deterministic_and_grouped():
@@ -166,7 +185,16 @@ def test_jsonl_and_csv_and_folder_inputs(tmp_path):
             "nokey.jsonl:2: no 'text' key (keys: body)",
         ),
         ("type.jsonl", b'{"text": 5}\n', "type.jsonl:1: 'text' must be a string, got int"),
-        ("blank.txt", b"   \n\x00\n" if False else b"   \n\t\n", "no text left after cleaning"),
+        ("blank.txt", b"   \n\t\n", "no text left after cleaning"),
+        # control and format characters (escape, DEL, zero-width space, BOM) are cleaned away too
+        (
+            "controls.txt",
+            b" \x01\x02\n\x1b\x7f\n\n\xe2\x80\x8b\xef\xbb\xbf\t\x0b\x0c\r\n",
+            "no text left after cleaning (the input is empty or only whitespace/control",
+        ),
+        # but NUL is never taken for blank text: the file is binary, or the line is named
+        ("nul.txt", b"   \n\x00\n", "nul.txt: looks like a binary file (contains NUL bytes)"),
+        ("late-nul.txt", b"fine line\n" * 2000 + b"a \x00 b\n", "late-nul.txt:2001: contains NUL"),
         ("small.txt", b"just one paragraph of text\n", "too little text to hold out a val split"),
     ],
 )

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import time
@@ -12,12 +13,16 @@ import pytest
 
 from tests.conftest import (
     CHILD_ENV,
-    HOROVODRUN,
-    PYTHON,
-    ROOT,
-    horovodrun,
+    horovodrun_cli,
+    horovodrun_command,
+    main_command,
+    rank_pid,
     requires_horovod,
     run_cli,
+    start_process,
+    wait_for_checkpoint,
+    world_shape,
+    write_corpus,
 )
 
 pytestmark = pytest.mark.slow
@@ -35,40 +40,8 @@ RUN = (
 )
 
 
-def _start(*command: str, cwd: pathlib.Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **CHILD_ENV},
-        start_new_session=True,
-    )
-
-
-def _wait_for_checkpoint(
-    run_dir: pathlib.Path, at_least: int, process: subprocess.Popen, timeout: float = 300
-):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = [
-            int(p.name.split("-")[1])
-            for p in (run_dir / "checkpoints").glob("step-*")
-            if p.is_dir()
-        ]
-        if steps and max(steps) >= at_least:
-            return max(steps)
-        if process.poll() is not None:
-            raise AssertionError(
-                f"the run ended before step {at_least}: {process.stdout.read()[-3000:]}"
-            )
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint at step {at_least} within {timeout} s")
-
-
 def _weights(run_dir: pathlib.Path) -> list[np.ndarray]:
-    from inference import load_run
+    from models.inference import load_run
 
     return [np.asarray(w) for w in load_run(run_dir).model.get_weights()]
 
@@ -78,10 +51,8 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    with _start(
-        PYTHON, str(ROOT / "main.py"), *RUN, "--run-dir", str(run_dir), cwd=tmp_path
-    ) as process:
-        step = _wait_for_checkpoint(run_dir, 50, process)
+    with start_process(*main_command(*RUN, "--run-dir", str(run_dir)), cwd=tmp_path) as process:
+        step = wait_for_checkpoint(run_dir, 50, process)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL and not (run_dir / "model.keras").exists()
@@ -96,43 +67,14 @@ def test_kill_9_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert [row.split(",")[0] for row in rows] == ["0", "1", "2", "3", "4", "5"]
 
 
-def _rank_pid(rank: int, marker: str) -> int | None:
-    """PID of the python worker of `rank` whose command line contains `marker`."""
-    for proc in pathlib.Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            f"HOROVOD_RANK={rank}".encode() in environ
-            and marker.encode() in cmdline
-            and b"/bin/sh" not in cmdline[0]
-        ):
-            return int(proc.name)
-    return None
-
-
 @requires_horovod
 def test_a_dead_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
     run_dir = tmp_path / "np2"
-    launch = (
-        HOROVODRUN,
-        "-np",
-        "2",
-        "-H",
-        "localhost:2",
-        "--gloo",
-        PYTHON,
-        str(ROOT / "main.py"),
-        *RUN,
-    )
-    with _start(*launch, "--run-dir", str(run_dir), cwd=tmp_path) as process:
+    launch = horovodrun_command(2, *main_command(*RUN, "--run-dir", str(run_dir)))
+    with start_process(*launch, cwd=tmp_path) as process:
         try:
-            _wait_for_checkpoint(run_dir, 20, process)
-            victim = _rank_pid(1, str(run_dir))
+            wait_for_checkpoint(run_dir, 20, process)
+            victim = rank_pid(1, str(run_dir))
             assert victim is not None, "rank 1's process was not found"
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
@@ -159,10 +101,8 @@ def test_a_dead_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
 def test_np2_resumes_at_np1_from_the_same_sample(tmp_path):
     run_dir = tmp_path / "np2to1"
     # 40 steps per epoch at np=2 (global batch 32); stop 10 steps into epoch 2.
-    first = horovodrun(
+    first = horovodrun_cli(
         2,
-        PYTHON,
-        str(ROOT / "main.py"),
         "--preset",
         "tiny",
         "--train.epochs=2",
@@ -188,10 +128,8 @@ def test_np2_resumes_at_np1_from_the_same_sample(tmp_path):
 @requires_horovod
 def test_two_host_names_give_cross_size_2(tmp_path, hosts):
     run_dir = tmp_path / "hosts"
-    result = horovodrun(
+    result = horovodrun_cli(
         2,
-        PYTHON,
-        str(ROOT / "main.py"),
         "--preset",
         "tiny",
         "--train.epochs=1",
@@ -202,19 +140,16 @@ def test_two_host_names_give_cross_size_2(tmp_path, hosts):
         extra=("--network-interface", "lo"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    world = json.loads((run_dir / "config.json").read_text())["world"]
-    assert (world["size"], world["cross_size"], world["local_size"]) == (2, 2, 1)
+    assert world_shape(run_dir) == (2, 2, 1)
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
     """A file-size limit (ulimit -f) makes writes fail as on a full disk."""
-    from tests.conftest import write_corpus
-
     corpus = write_corpus(tmp_path / "c.txt", paragraphs=2000)
     args = ("--preset", "tiny", "--data", str(corpus), "--data.vocab_size=200")
     assert run_cli("prepare", *args, cwd=tmp_path).returncode == 0
     run_dir = tmp_path / "run"
-    command = " ".join([PYTHON, str(ROOT / "main.py"), *args, "--run-dir", str(run_dir)])
+    command = shlex.join(main_command(*args, "--run-dir", str(run_dir)))
     # 100 KiB: the prepared data is already there; the first checkpoint is larger.
     result = subprocess.run(
         ["bash", "-c", f"ulimit -f 100; exec {command}"],

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from models.tasks import CausalLM, MaskedLM, Task
 from models.transformer import build_causal_lm
-from tasks import MaskedLM, Task
 from tests.conftest import InMemoryData
 from train import compile_model
 from utils import distributed
@@ -29,14 +29,14 @@ def world():
     return distributed.init()
 
 
-def _model(task_cls=Task, lr: float = 10.0, **overrides) -> tuple[Task, keras.Model]:
+def _model(task_cls=CausalLM, lr: float = 10.0, **overrides) -> tuple[Task, keras.Model]:
     cfg = TrainConfig(
         optimizer="sgd", momentum=0.0, clip_norm=0.0, weight_decay=0.0, warmup_steps=0, **overrides
     )
     task = task_cls(Config(model=MODEL, train=cfg))
     task.prepared = InMemoryData(VOCAB)
     keras.utils.set_random_seed(0)
-    model = task.build_model() if task_cls is not Task else build_causal_lm(MODEL, VOCAB)
+    model = task.build_model() if task_cls is not CausalLM else build_causal_lm(MODEL, VOCAB)
     # A large rate: updates (new - old weights) must stand well above float32 rounding of the weights.
     compile_model(task, model, cfg, lr, 100)
     return task, model

@@ -266,7 +266,7 @@ def test_np2_tensor_parallel_run_saves_the_full_model_and_resumes_at_t1(tmp_path
     assert saved["learning_rate"]["scaled_by"] == 1.0
     metrics = json.loads((run_dir / "metrics.json").read_text())
 
-    from inference import load_run
+    from models.inference import load_run
 
     model = load_run(str(run_dir)).model  # the ordinary full model
     assert type(model).__name__ == "CausalTransformer"

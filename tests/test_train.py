@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
+from models.tasks import CausalLM, Task
 from models.transformer import build_causal_lm
-from tasks import Task
 from tests.conftest import InMemoryData
 from train import compile_model, fit, restore
 from utils import distributed
@@ -36,7 +36,7 @@ def _task(**train_overrides) -> Task:
         tensorboard=False,
         **train_overrides,
     )
-    task = Task(Config(model=MODEL, train=cfg))
+    task = CausalLM(Config(model=MODEL, train=cfg))
     task.prepared = InMemoryData(VOCAB, train=_tokens(0), val=_tokens(1))
     return task
 

@@ -14,9 +14,17 @@ from __future__ import annotations
 
 import argparse
 
-from inference import SAMPLERS
-from serving.quantize import MODES as QUANTIZE_MODES
-from utils.config import DEFAULT_PRESET, PRESETS, SECTIONS, TASKS, Config, resolve, section_fields
+from utils.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    QUANTIZE_MODES,
+    SAMPLERS,
+    SECTIONS,
+    TASKS,
+    Config,
+    resolve,
+    section_fields,
+)
 from utils.errors import UserError
 
 COMMANDS = ("train", "evaluate", "generate", "predict", "prepare", "serve", "export")

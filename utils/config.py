@@ -27,6 +27,8 @@ FORMATS = ("auto", "text", "jsonl", "csv")
 COMPRESSIONS = ("none", "fp16")
 NONFINITE = ("stop", "skip")
 PRECISIONS = ("float32", "mixed_bfloat16")
+SAMPLERS = ("greedy", "top_k", "top_p")  # generate --sampler
+QUANTIZE_MODES = ("int8", "int4", "float8")  # evaluate/export --quantize
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

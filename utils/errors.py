@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -96,3 +97,15 @@ def exit_on_known_failure(error: BaseException, prog: str = "main.py") -> None:
             flush=True,
         )
         raise SystemExit(EXIT_FAILURE)
+
+
+def run_main(body: Callable[[], None], prog: str = "main.py") -> None:
+    """Run a command-line entry point: a UserError or a known failure ends it with one line
+    (exit 2 or 1); anything else keeps its traceback."""
+    try:
+        body()
+    except UserError as e:
+        exit_with_user_error(e, prog)
+    except Exception as e:
+        exit_on_known_failure(e, prog)
+        raise

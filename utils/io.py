@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Atomic file writes: a reader (or a crash) never sees half a file or directory."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from utils.errors import UserError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -47,3 +49,43 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_once(
+    path: str | os.PathLike, build: Callable[[pathlib.Path], object], *, complete: str
+) -> tuple[pathlib.Path, bool]:
+    """The finished directory `path`, built by `build(tmp)` only if it is not there yet.
+
+    For caches keyed by a hash of their inputs, built by processes (or hosts)
+    that may race: `build` fills a temporary sibling, which `atomic_directory`
+    renames into place, so `path` only ever appears whole. When another
+    builder of the same key renamed its directory first, ours is discarded and
+    theirs used: the same key means the same content.
+
+    Args:
+        path: where the finished directory lives.
+        build: writes the directory's content into the temporary directory it
+            is given; if it raises, nothing is left behind.
+        complete: a file that every finished directory holds (written last).
+
+    Returns:
+        (path, built): built is False when `path` was already finished, so
+        `build` was not called.
+    """
+    path = pathlib.Path(path)
+    if (path / complete).is_file():
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_directory(path) as tmp:
+            build(tmp)
+    except OSError:
+        if (path / complete).is_file():  # another builder of the same key finished first
+            return path, True
+        if path.is_dir():  # in the way, and not ours to delete
+            raise UserError(
+                f"{path} holds an unfinished build (no {complete}; an interrupted older run?): "
+                "remove it and run again"
+            ) from None
+        raise
+    return path, True

@@ -101,6 +101,40 @@ def plot_runs(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path | None
     return fig
 
 
+def plot_confusion(
+    confusion: list[list[int]], labels: list[str], path: pathlib.Path, title: str
+) -> None:
+    """The confusion matrix as a PNG (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.asarray(confusion)
+    size = 1.5 + 0.55 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > matrix.max() / 2 else "black",
+            fontsize=8,
+        )
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m utils.plots", description=__doc__.split("\n\n")[0]

@@ -24,6 +24,7 @@ import pathlib
 import time
 from typing import Any
 
+from utils.config import Config, apply_nested, validate
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -65,9 +66,27 @@ class RunDir:
         atomic_write_json(self.config, config)
 
     def read_config(self) -> dict[str, Any]:
+        """config.json as written: the config, and the facts of the run (data, world, ...)."""
         if not self.config.is_file():
             raise UserError(f"{self.path}: not a run directory (no config.json)")
-        return json.loads(self.config.read_text())
+        try:
+            record = json.loads(self.config.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.config}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise UserError(f'{self.config}: no "config" mapping; not a run\'s config.json')
+        return record
+
+    def load_config(self) -> Config:
+        """The run's typed config, checked as the command line's is.
+
+        An unknown or mistyped key, or a value the rules refuse, is a
+        UserError naming config.json and the key.
+        """
+        config = Config()
+        apply_nested(config, self.read_config()["config"], str(self.config))
+        validate(config)
+        return config
 
     def copy_data_files(self, tokenizer: pathlib.Path, meta: dict[str, Any]) -> None:
         atomic_write_bytes(self.tokenizer, tokenizer.read_bytes())

@@ -36,7 +36,7 @@ from keras.src.losses import loss as loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from utils.distributed import core
-from utils.distributed.optimizer import (
+from utils.distributed.averaged_update import (
     accumulate,
     apply_averaged,
     average,

@@ -1,6 +1,6 @@
 """Is pretraining worth it? Classify stdlib docstrings by module family, three ways.
 
-    python -m experiments.stdlib_families [--seeds 0 1 2] [--workdir runs/experiment]
+    python scripts/stdlib_families_experiment.py [--seeds 0 1 2] [--workdir runs/experiment]
 
 For each seed, through the real command line (`python main.py ...`):
 
@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's code runs from the checkout
 
 
 def main_py(*args: str, log: pathlib.Path) -> None:
