@@ -15,6 +15,9 @@ split after training. What is measured is the run's task's (models/tasks):
 - Classification: accuracy, per-class precision/recall/F1, macro and
   weighted averages, the confusion matrix (also as a PNG), and beside them a
   TF-IDF + logistic-regression baseline (scikit-learn) on the same split.
+- Sequence to sequence: loss, perplexity and token accuracy, and BLEU,
+  ROUGE-1/2/L and exact match of greedy summaries, beside a first-N-words
+  baseline with N tuned on the validation split.
 
 Exact under Horovod: the split is sharded across ranks, each rank sums counts
 (losses, tokens, per-class true positives, supports and predictions, the

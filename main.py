@@ -60,10 +60,14 @@ def prepare_data(task, world) -> None:
 
 def check_input(config: Config) -> None:
     """Fail fast, before TensorFlow is imported: the data path and --init-from."""
-    from data.sources import open_source
+    from data.sources import open_pairs, open_source
 
-    label_column = config.data.label_column if config.task == "classify" else None
-    open_source(config.data.path, config.data.format, config.data.text_column, label_column)
+    d = config.data
+    if config.task == "seq2seq":  # pairs: a source and a target column
+        open_pairs(d.path, d.format, d.source_column, d.target_column)
+    else:
+        label_column = d.label_column if config.task == "classify" else None
+        open_source(d.path, d.format, d.text_column, label_column)
     if config.train.init_from:
         from utils.run_dir import RunDir
 
@@ -177,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         run, args.prompt, args.max_new_tokens, args.sampler, args.temperature, args.seed
     )
     for prompt, text in zip(args.prompt, outputs, strict=True):
-        print(f"{prompt}{'' if prompt.endswith(' ') or not text else ' '}{text}")
+        print(run.task.show_generated(prompt, text))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -50,8 +50,9 @@ import keras
 import numpy as np
 
 from data.load import Shards, resume_step
+from models.sharded_state import ShardedState
 from models.tasks import Task
-from models.tensor_parallel import ShardedState, build_shard
+from models.tensor_parallel import build_shard
 from models.transformer import count_params
 from utils import checkpoint, distributed
 from utils.callbacks import (
@@ -158,9 +159,9 @@ def fit(
         run_dir: where rank 0 writes (None: nowhere, for tests).
         callbacks: more Keras callbacks, after the project's.
         savers: more (every N steps, function of the progress), e.g. elastic commits.
-        sharded: tensor parallelism: `model` is this rank's shard of `sharded.full`;
-            checkpoints and best.keras hold the full model, gathered from the
-            shards (every rank takes part, rank 0 writes).
+        sharded: tensor parallelism: `model` is this rank's shard; checkpoints and
+            best.keras hold the full model, gathered from the shards (every rank
+            takes part, rank 0 writes).
 
     Returns:
         The TrainingProgress callback: its `progress` and `last_logs`.
@@ -179,15 +180,15 @@ def fit(
         run_dir.truncate_history(progress.epoch)  # an interrupted epoch's row is written again
 
     def save_checkpoint(p: Progress) -> None:
-        saved, best = model, p.best_weights
+        saved, best = model.variables + list(model.optimizer.variables), p.best_weights
         if sharded is not None:  # collectives: every rank, before rank 0 writes
-            saved = sharded.gather()
+            saved = sharded.gather_values()
             best = sharded.full_weights(best) if best else None
         if run_dir is not None and chief:
             checkpoint.save(
                 run_dir.checkpoints,
                 p.global_step,
-                saved.variables + list(saved.optimizer.variables),
+                saved,
                 p.to_dict(),
                 t.keep_checkpoints,
                 arrays=best or (),
@@ -362,9 +363,9 @@ def run_training(
         if t.init_from:
             init_from(model, t.init_from)
         progress = Progress()
-    full, sharded = model, None
-    if tensor > 1:
-        model, sharded = shard_model(task, full, progress, peak_lr, total_steps)
+    parameters, sharded = count_params(model), None
+    if tensor > 1:  # from here on no rank keeps the full model (models/sharded_state.py)
+        model, sharded = shard_model(task, model, progress, peak_lr, total_steps)
     if distributed.is_chief():
         run_dir.write_config(
             {
@@ -377,7 +378,7 @@ def run_training(
                 "learning_rate": {"base": t.lr, "peak": peak_lr, "scaled_by": peak_lr / t.lr},
                 "steps_per_epoch": steps,
                 "total_steps": total_steps,
-                "parameters": count_params(full),
+                "parameters": parameters,
                 "versions": versions(),
                 "data": {
                     "dir": str(prepared.dir.resolve()),
@@ -394,7 +395,7 @@ def run_training(
         start = resume_step(progress.samples_in_epoch, train.global_batch)
         layout = f"{world.size // tensor} replica(s) of {tensor} shard(s)" if tensor > 1 else ""
         distributed.print0(
-            f"model: {count_params(full):,} parameters; "
+            f"model: {parameters:,} parameters; "
             + (layout or f"{world.size} rank(s)")
             + f" x batch {t.batch_size} = "
             f"global batch {train.global_batch}; peak lr {peak_lr:g}; {steps} steps/epoch"
@@ -441,17 +442,25 @@ def shard_model(
     Every rank built (and rank 0 maybe restored) the full model and its
     optimizer; rank 0's full state is broadcast to all, then each rank
     keeps its slices: the shards of a replica start from the same full
-    model, and the replicas from the same one. The shard averages its
-    gradients over its data-parallel group only, and clips by the whole
-    model's gradient norm. A resumed run's best-epoch weights are cut too.
+    model, and the replicas from the same one. The full model is not kept
+    (the caller drops it too): a rank holds its shard's weights and slots
+    only, and a full model is built again when one is needed (best.keras,
+    the end). The shard averages its gradients over its data-parallel group
+    only, and clips by the whole model's gradient norm. A resumed run's
+    best-epoch weights are cut too.
     """
     t = task.config.train
     tp = distributed.tensor_parallel.current(distributed.tensor_size())
     distributed.broadcast_variables(full.variables + list(full.optimizer.variables), 0)
     shard = build_shard(full, tp, seed=t.seed)
     compile_model(task, shard, t, peak_lr, total_steps, group=tp.data_group, xla=False)
-    sharded = ShardedState(shard, full)
-    sharded.scatter()
+
+    def make_full() -> keras.Model:
+        model = task.build_model()
+        compile_model(task, model, t, peak_lr, total_steps)
+        return model
+
+    sharded = ShardedState(shard, full, make_full)  # this shard's slices of the full state
     distributed.optimizer.set_tensor_parallel(
         shard.optimizer, sharded.split_variables(), tp.tensor_group
     )

@@ -89,7 +89,8 @@ def memory(tensors: list[int]) -> list[dict[str, Any]]:
     """Bytes of weights and optimizer slots on one rank (tensor rank 0) for each T."""
     import keras
 
-    from models.tensor_parallel import ShardedState, build_shard, optimizer_slot_lists
+    from models.sharded_state import ShardedState, optimizer_slot_lists
+    from models.tensor_parallel import build_shard
     from train import compile_model
     from utils import distributed
     from utils.distributed.tensor_parallel import layout
@@ -107,7 +108,10 @@ def memory(tensors: list[int]) -> list[dict[str, Any]]:
         else:
             shard = build_shard(full, layout(tensor, tensor, 0))  # no Horovod: no collective
             compile_model(task, shard, task.config.train, 1e-3, 1000, xla=False)
-            model, split = shard, {id(v) for v in ShardedState(shard, full).split_variables()}
+            model, split = (
+                shard,
+                {id(v) for v in ShardedState(shard, full, lambda: full).split_variables()},
+            )
             slots = optimizer_slot_lists(shard.optimizer)
         trainable = list(model.optimizer._trainable_variables)
         slot_of = [

@@ -1,14 +1,16 @@
 """tf.data pipelines over prepared data, sharded across ranks.
 
-Two kinds of samples:
+Three kinds of samples:
 
 - `Windows` over a token stream (language modelling): sample i is
   tokens[i*seq_len : i*seq_len + seq_len + 1]; inputs are its first seq_len
   tokens, targets its last seq_len, so every token is a target once.
 - `Documents` (classification): sample i is document i's token ids,
   truncated or right-padded with 0 to seq_len, and its label.
+- `Pairs` (sequence to sequence): sample i is source i's ids and target i's,
+  as encoder input, decoder input (BOS + target) and labels (target + EOS).
 
-Both shard by *global sample index*. For epoch e, a permutation of all
+All shard by *global sample index*. For epoch e, a permutation of all
 samples seeded by (seed, e) is cut into global batches of batch_size x world
 samples; rank r takes the r-th slice of batch_size rows of each. So:
 
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+
+from data.prepare import BOS_ID, EOS_ID
 
 
 class Shards:
@@ -241,6 +245,93 @@ class Documents(Shards):
             start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len)
             rows[row, : end - start] = self.ids[start:end]
         return rows, np.asarray(self.labels[indices], dtype=np.int32)
+
+
+class Pairs(Shards):
+    """Source/target pairs for an encoder-decoder, with teacher forcing (task seq2seq).
+
+    Sample i's inputs are a dict: "source", its source ids cut or right-padded
+    with 0 to `source_len`, and "decoder", BOS followed by its target ids;
+    its targets are the target ids followed by EOS. Both decoder rows are
+    cut or padded to `target_len + 1`, so a target of `target_len` tokens
+    still ends with EOS.
+
+    Args:
+        source_ids, source_offsets: every source's ids, concatenated; source i
+            is source_ids[source_offsets[i]:source_offsets[i+1]].
+        target_ids, target_offsets: the same for the targets.
+        source_len: tokens per source row (model.seq_len).
+        target_len: longest target (model.target_len).
+        bos_id, eos_id: the ids that open the decoder's input and end its targets.
+    """
+
+    def __init__(
+        self,
+        source_ids: np.ndarray,
+        source_offsets: np.ndarray,
+        target_ids: np.ndarray,
+        target_offsets: np.ndarray,
+        source_len: int,
+        target_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        bos_id: int = BOS_ID,
+        eos_id: int = EOS_ID,
+    ):
+        super().__init__(batch_size, rank, world)
+        if len(source_offsets) != len(target_offsets):
+            raise ValueError(
+                f"sources and targets must pair up; got {len(source_offsets) - 1} sources and "
+                f"{len(target_offsets) - 1} targets"
+            )
+        self.source_ids, self.source_offsets = source_ids, source_offsets
+        self.target_ids, self.target_offsets = target_ids, target_offsets
+        self.source_len, self.decoder_len = source_len, target_len + 1
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.source_offsets) - 1
+
+    @property
+    def seq_len(self) -> int:
+        """Positions per sample, encoder's and decoder's: what tokens/s counts."""
+        return self.source_len + self.decoder_len
+
+    def shapes(self) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
+        """Shapes of one row: of the inputs (a dict, as `gather` returns them) and of the labels."""
+        return {"source": (self.source_len,), "decoder": (self.decoder_len,)}, (self.decoder_len,)
+
+    def gather(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        rows = len(indices)
+        source = np.zeros((rows, self.source_len), np.int32)
+        decoder = np.zeros((rows, self.decoder_len), np.int32)
+        labels = np.zeros((rows, self.decoder_len), np.int32)
+        for row, i in enumerate(indices):
+            start = self.source_offsets[i]
+            end = min(self.source_offsets[i + 1], start + self.source_len)
+            source[row, : end - start] = self.source_ids[start:end]
+            start = self.target_offsets[i]
+            end = min(self.target_offsets[i + 1], start + self.decoder_len - 1)
+            target = self.target_ids[start:end]
+            decoder[row, 0], decoder[row, 1 : len(target) + 1] = self.bos_id, target
+            labels[row, : len(target)], labels[row, len(target)] = target, self.eos_id
+        return {"source": source, "decoder": decoder}, labels
+
+    def _load(self, indices: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        def flat(ix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            inputs, labels = self.gather(ix)
+            return inputs["source"], inputs["decoder"], labels
+
+        source, decoder, labels = tf.numpy_function(
+            flat, [indices], (tf.int32, tf.int32, tf.int32), stateful=False
+        )
+        rows = indices.shape[0]
+        source.set_shape((rows, self.source_len))
+        decoder.set_shape((rows, self.decoder_len))
+        labels.set_shape((rows, self.decoder_len))
+        return {"source": source, "decoder": decoder}, labels
 
 
 def resume_step(samples_consumed: int, global_batch: int) -> int:

@@ -4,7 +4,8 @@ Every source yields `Document(group, text, position)`. The split follows
 `group` (a stable hash of it: all documents of a group land in the same
 split, so text of one file never sits on both sides) or, for a single text
 file, `position` (the file's first part trains, then validation, then test,
-as contiguous stretches).
+as contiguous stretches). Pair sources (task seq2seq: `open_pairs`) also
+yield `Pair(group, source, target)` from `pairs()`.
 
 Sources are pure Python (no TensorFlow) and check their input as they read
 it: a missing path, an empty or binary file, text that is not UTF-8, a JSONL
@@ -407,6 +408,112 @@ class StdlibFamilies(StdlibDocstrings):
             family = doc.group.split("/")[0]
             if family in self.FAMILIES:
                 yield doc._replace(label=family)
+
+
+class Pair(NamedTuple):
+    """A text and the text to learn from it (task seq2seq): a body and its summary."""
+
+    group: str  # pairs of one group always land in the same split
+    source: str
+    target: str
+
+
+class _PairRecords:
+    """Mixin for the JSONL and CSV readers: the label column holds the target text.
+
+    The record readers' text column is the source column, their label column
+    the target column; a missing one is named with its own option
+    (--data.source_column, --data.target_column).
+    """
+
+    def _columns(self) -> Iterator[tuple[str, str]]:
+        yield self.column, "source_column"
+        yield self.label_column, "target_column"
+
+    def pairs(self) -> Iterator[Pair]:
+        """(group, source, target) of each record; each record is its own group."""
+        for lineno, source, target in self._records():
+            yield Pair(f"record{lineno}", source, target)
+
+
+class JsonlPairs(_PairRecords, JsonlFile):
+    """JSON Lines of source/target pairs: both strings (null reads as blank)."""
+
+    def __init__(self, path: pathlib.Path, source_column: str, target_column: str):
+        super().__init__(path, source_column, target_column)
+
+    def _record(self, lineno: int, line: str) -> tuple[str, str]:
+        where = self._where(lineno)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        self._require_columns(lineno, record)
+        texts = []
+        for key, _ in self._columns():
+            value = record[key]
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+            texts.append(value or "")
+        return texts[0], texts[1]
+
+
+class CsvPairs(_PairRecords, CsvFile):
+    """CSV of source/target pairs, with a header row naming the two columns."""
+
+    def __init__(self, path: pathlib.Path, source_column: str, target_column: str):
+        super().__init__(path, source_column, target_column)
+
+
+class StdlibSummaries(StdlibDocstrings):
+    """The built-in pairs: standard-library docstrings written as PEP 257 asks.
+
+    A docstring whose first line is a one-line summary, followed by a blank
+    line and a body, gives a pair: the body is the source, the summary line
+    the target. Other docstrings are left out. Each source file is a split
+    group, as for the other built-in data.
+    """
+
+    name = "stdlib-summaries"
+
+    def pairs(self) -> Iterator[Pair]:
+        for doc in self.documents():
+            lines = doc.text.split("\n")
+            if len(lines) >= 3 and lines[0].strip() and not lines[1].strip():
+                body = "\n".join(lines[2:])
+                if body.strip():
+                    yield Pair(doc.group, body, lines[0])
+
+
+PairSource = JsonlPairs | CsvPairs | StdlibSummaries  # what `open_pairs` returns
+
+
+def open_pairs(
+    path: str, fmt: str = "auto", source_column: str = "source", target_column: str = "target"
+) -> PairSource:
+    """The pair source for `--data PATH` (empty: the built-in docstring summaries), checked cheaply.
+
+    Args:
+        path: a .jsonl or .csv file of pairs.
+        fmt: "auto" (from the extension), "jsonl" or "csv".
+        source_column, target_column: the key/column of the source and of the target.
+    """
+    if not path:
+        return StdlibSummaries()
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if fmt == "auto":
+        fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}.get(p.suffix.lower(), "text")
+    if fmt == "text" or p.is_dir():
+        raise UserError(
+            f"{path}: pairs must be a .jsonl or .csv file with {source_column!r} and "
+            f"{target_column!r} columns"
+        )
+    reader = JsonlPairs if fmt == "jsonl" else CsvPairs
+    return reader(p, source_column, target_column)
 
 
 def open_source(

@@ -41,13 +41,19 @@ def default_out(run_dir: str | os.PathLike, quantize: str | None) -> pathlib.Pat
 
 
 def load_trained(run_dir: str | os.PathLike):
-    """The finished run to export (models/inference.py); UserError for a masked-LM run."""
+    """The finished run to export (models/inference.py); UserError for an mlm or seq2seq run."""
     from models.inference import load_run
     from utils.run_dir import RunDir
 
-    if RunDir(run_dir).load_config().task == "mlm":  # before loading anything
+    task = RunDir(run_dir).load_config().task
+    if task == "mlm":  # before loading anything
         raise UserError(
             f"{run_dir}: a --task mlm run; nothing to serve (export a causal_lm or classify run)"
+        )
+    if task == "seq2seq":
+        raise UserError(
+            f"{run_dir}: a --task seq2seq run; export takes causal_lm and classify runs only "
+            "(use python main.py generate to summarize)"
         )
     return load_run(run_dir)
 

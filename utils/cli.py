@@ -1,6 +1,6 @@
 """The command-line grammar of main.py: one parser per command, one-line errors.
 
-python main.py [train] [--task causal_lm|mlm|classify] [--preset tiny|small] [--config FILE]
+python main.py [train] [--task causal_lm|mlm|classify|seq2seq] [--preset tiny|small] [--config FILE]
                [--data PATH] [--run-dir DIR] [--resume] [--init-from DIR] [--section.key=value ...]
 python main.py evaluate --run-dir DIR [--split test] [--data PATH]
 python main.py generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--sampler ...]

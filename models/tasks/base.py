@@ -186,6 +186,10 @@ class Task:
     def generate(self, run, prompts: list[str], **options) -> list[str]:
         raise UserError(f"{run.path}: a {self.name} run; generation needs a --task causal_lm run")
 
+    def show_generated(self, prompt: str, text: str) -> str:
+        """How `main.py generate` prints a prompt and what was generated for it."""
+        return f"{prompt}\t{text}"
+
     def predict(self, run, texts: list[str], batch_size: int = 64) -> list:
         raise UserError(f"{run.path}: a {self.name} run; predict needs a --task classify run")
 

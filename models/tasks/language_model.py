@@ -140,6 +140,10 @@ class CausalLM(LanguageModel):
         m = self.token_metrics(model, self.split_shards(split))
         return {"perplexity": m["perplexity"], "accuracy": m["accuracy"]}
 
+    def show_generated(self, prompt: str, text: str) -> str:
+        """The prompt and its continuation, as one text."""
+        return f"{prompt}{'' if prompt.endswith(' ') or not text else ' '}{text}"
+
     def after_training(self, run) -> None:
         print(f"sample: {SAMPLE_PROMPT} -> {self.generate(run, [SAMPLE_PROMPT], 30)[0]}")
 
