@@ -32,6 +32,19 @@ data rank, so that they draw different masks, as data-parallel ranks do in
 train.py. Exactness against the T=1 model is tested with dropout 0; with
 dropout, the tests check that the shards' replicated weights stay identical.
 
+XLA (`xla=True`): Horovod ops have no XLA kernels, so a shard's train step
+cannot be compiled whole; instead the compute between two collectives runs
+as `tf.function(jit_compile=True)` segments (the backward of each is
+compiled too), and only the collectives, the loss and the optimizer update
+stay outside XLA:
+
+    embed | LN1 | copy | QKV-attention-O | reduce | +bO-dropout-+x-LN2 | copy
+          | FFN1-gelu-FFN2 | reduce | +b2-dropout-+x | ... | final norm-head
+
+Exact, but off in training (train.py builds the shard with xla=False): on a
+2-core AVX2 CPU at np=2, T=2 it measured 1 to 7% slower per step and about
+10 s slower to start (docs/parallelism.md).
+
 `shard_from_full` / `full_from_shards` convert between a full
 CausalTransformer and the shards, so checkpoints and model.keras stay the
 ordinary T=1 model.
@@ -43,6 +56,7 @@ import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 from keras_hub.src.layers.modeling.transformer_layer_utils import (
     compute_causal_mask,
@@ -71,6 +85,19 @@ def check_model_divides(num_heads: int, intermediate_dim: int, tensor: int) -> N
         raise UserError(f"parallel.tensor={tensor} must divide model.d_ff={intermediate_dim}")
 
 
+def segments(layer: keras.layers.Layer, names: tuple[str, ...]) -> dict:
+    """`layer._NAME_fn` for each name, compiled by XLA as a function of its own (its gradient
+    too): the compute between two collectives, which must hold no Horovod op."""
+    return {name: tf.function(getattr(layer, f"_{name}_fn"), jit_compile=True) for name in names}
+
+
+def _run(layer: keras.layers.Layer, name: str, *args):
+    """Segment `name` of `layer`: compiled when the layer's `xla` is on, else the plain function."""
+    if layer.xla:
+        return layer._segments[name](*args)
+    return getattr(layer, f"_{name}_fn")(*args)
+
+
 class TensorParallelDecoder(keras.layers.Layer):
     """One shard of a pre-norm decoder block: H/T heads and F/T feed-forward units.
 
@@ -82,6 +109,8 @@ class TensorParallelDecoder(keras.layers.Layer):
         reduce: False leaves out the row-parallel allreduce (a negative
             control for tests: the output is then wrong).
         seed: dropout seed, the same on every shard of the tensor group.
+        xla: compile the compute between the collectives with XLA (see the
+            module's docstring).
     """
 
     def __init__(
@@ -93,10 +122,12 @@ class TensorParallelDecoder(keras.layers.Layer):
         layer_norm_epsilon: float = 1e-5,
         reduce: bool = True,
         seed: int = 0,
+        xla: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_model_divides(num_heads, intermediate_dim, tp.tensor_size)
+        self.xla = xla
         self.intermediate_dim = intermediate_dim
         self.num_heads = num_heads
         self.tp = tp
@@ -115,6 +146,9 @@ class TensorParallelDecoder(keras.layers.Layer):
         )
         self.attention_dropout = keras.layers.Dropout(dropout, seed=seed + 1)
         self.feedforward_dropout = keras.layers.Dropout(dropout, seed=seed + 2)
+        # The compute between collectives; XLA-compiled segments with xla=True.
+        names = ("attention_in", "attention", "between", "feedforward", "out")
+        self._segments = segments(self, names) if xla else {}
 
     def build(self, input_shape):
         hidden = input_shape[-1]
@@ -141,14 +175,22 @@ class TensorParallelDecoder(keras.layers.Layer):
         return reduce_from_tensor_group(x, self.tp) if self.reduce else x
 
     def call(self, x, padding_mask=None, training=None):
-        mask = merge_padding_and_attention_mask(x, padding_mask, None)
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        # Collectives (and nothing else) between the segments.
+        h = copy_to_tensor_group(_run(self, "attention_in", x), self.tp)
+        partial = _run(self, "attention", h, padding_mask, training)
+        x, h = _run(self, "between", self._reduce(partial), x, training)
+        partial = _run(self, "feedforward", copy_to_tensor_group(h, self.tp))
+        return _run(self, "out", self._reduce(partial), x, training)
+
+    def _attention_in_fn(self, x):
+        return self.attention_norm(x)
+
+    def _attention_fn(self, h, padding_mask, training):
+        """Causal self-attention on this shard's heads: its partial output, before the sum."""
+        mask = merge_padding_and_attention_mask(h, padding_mask, None)
+        batch, length = ops.shape(h)[0], ops.shape(h)[1]
         causal = compute_causal_mask(batch, length, length)
         mask = causal if mask is None else ops.minimum(mask, causal)
-
-        # Self-attention on this shard's heads.
-        residual = x
-        h = copy_to_tensor_group(self.attention_norm(x), self.tp)
         q = ops.einsum("btd,dnh->btnh", h, self.query_kernel) + self.query_bias
         k = ops.einsum("btd,dnh->btnh", h, self.key_kernel) + self.key_bias
         v = ops.einsum("btd,dnh->btnh", h, self.value_kernel) + self.value_bias
@@ -157,23 +199,27 @@ class TensorParallelDecoder(keras.layers.Layer):
         scores = ops.where(ops.expand_dims(ops.cast(mask, "bool"), 1), scores, -1e9)
         probs = self.attention_probs_dropout(ops.softmax(scores, axis=-1), training=training)
         attended = ops.einsum("bnts,bsnh->btnh", probs, v)
-        partial = ops.einsum("btnh,nhd->btd", attended, self.output_kernel)
-        h = self._reduce(partial) + self.output_bias
-        x = self.attention_dropout(h, training=training) + residual
+        return ops.einsum("btnh,nhd->btd", attended, self.output_kernel)
 
-        # Feed-forward on this shard's units.
-        residual = x
-        h = copy_to_tensor_group(self.feedforward_norm(x), self.tp)
+    def _between_fn(self, attention, residual, training):
+        """The summed attention output joins the residual stream; LN2 of it."""
+        x = self.attention_dropout(attention + self.output_bias, training=training) + residual
+        return x, self.feedforward_norm(x)
+
+    def _feedforward_fn(self, h):
+        """FFN1 on this shard's columns, gelu, FFN2 on its rows: the partial output."""
         h = keras.activations.gelu(ops.matmul(h, self.ffn1_kernel) + self.ffn1_bias)
-        h = self._reduce(ops.matmul(h, self.ffn2_kernel)) + self.ffn2_bias
-        return self.feedforward_dropout(h, training=training) + residual
+        return ops.matmul(h, self.ffn2_kernel)
+
+    def _out_fn(self, feedforward, residual, training):
+        return self.feedforward_dropout(feedforward + self.ffn2_bias, training=training) + residual
 
 
 class TensorParallelCausalLM(keras.Model):
     """One shard of CausalTransformer: replicated embeddings, norm and head; sharded blocks.
 
-    Same arguments as CausalTransformer, plus `tp` (this rank's groups) and
-    `reduce` (see TensorParallelDecoder) and `seed` (dropout). Inputs and outputs are
+    Same arguments as CausalTransformer, plus `tp` (this rank's groups),
+    `reduce` and `xla` (see TensorParallelDecoder) and `seed` (dropout). Inputs and outputs are
     CausalTransformer's: a dict of `token_ids` and `padding_mask`, and the
     full logits (B x T x V) on every shard. Not meant to be saved: save the
     full model from `full_from_shards`.
@@ -191,11 +237,13 @@ class TensorParallelCausalLM(keras.Model):
         dropout: float = 0.0,
         reduce: bool = True,
         seed: int = 0,
+        xla: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_model_divides(num_heads, intermediate_dim, tp.tensor_size)
         self.tp = tp
+        self.xla = xla
         seed += 100_003 * tp.data_rank  # replicas draw different masks; shards the same
         self.config = dict(
             vocabulary_size=vocabulary_size,
@@ -218,27 +266,45 @@ class TensorParallelCausalLM(keras.Model):
                 dropout,
                 reduce=reduce,
                 seed=seed + 10 * (i + 1),
+                xla=xla,
                 name=f"transformer_layer_{i}",
             )
             for i in range(num_layers)
         ]
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+        self._segments = segments(self, ("embed", "head")) if xla else {}
         self.build_now()
 
     def build_now(self) -> None:
-        """Create every weight (with one tiny forward pass) so they can be assigned at once."""
+        """Create every weight (with one tiny forward pass) so they can be assigned at once.
+
+        Without the XLA segments: nothing is compiled for this pass's shape.
+        """
         ids = np.zeros((1, 2), "int32")
-        self({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        layers = [self, *self.blocks]
+        xla = [layer.xla for layer in layers]
+        for layer in layers:
+            layer.xla = False
+        try:
+            self({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        finally:
+            for layer, on in zip(layers, xla, strict=True):
+                layer.xla = on
 
     def call(self, inputs, training=None):
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
-        x = self.token_embedding(token_ids)
-        x = x + self.position_embedding(x)
-        x = self.embeddings_dropout(x, training=training)
+        x = _run(self, "embed", token_ids, training)
         for block in self.blocks:
             x = block(x, padding_mask=padding_mask, training=training)
-        x = self.final_norm(x)
-        return self.token_embedding(x, reverse=True)
+        return _run(self, "head", x)
+
+    def _embed_fn(self, token_ids, training):
+        x = self.token_embedding(token_ids)
+        x = x + self.position_embedding(x)
+        return self.embeddings_dropout(x, training=training)
+
+    def _head_fn(self, x):
+        return self.token_embedding(self.final_norm(x), reverse=True)
 
 
 # --- full model <-> shards ---------------------------------------------------------
@@ -307,9 +373,17 @@ def full_like(shard: TensorParallelCausalLM) -> CausalTransformer:
 
 
 def build_shard(
-    full: CausalTransformer, tp: TensorParallel, reduce: bool = True, seed: int = 0
+    full: CausalTransformer,
+    tp: TensorParallel,
+    reduce: bool = True,
+    seed: int = 0,
+    xla: bool = False,
 ) -> TensorParallelCausalLM:
-    """This rank's shard of `full`, holding its slice of `full`'s weights."""
+    """This rank's shard of `full`, holding its slice of `full`'s weights.
+
+    `xla`: compile the compute between the collectives with XLA (compile the
+    shard itself with jit_compile=False: its step holds Horovod ops).
+    """
     shard = TensorParallelCausalLM(
         full.vocabulary_size,
         full.num_layers,
@@ -321,6 +395,7 @@ def build_shard(
         full.dropout,
         reduce=reduce,
         seed=seed,
+        xla=xla,
         name="tensor_parallel_causal_lm",
     )
     shard_from_full(shard, full)

@@ -122,7 +122,26 @@ def test_two_shards_hold_whole_heads_and_concatenate_to_the_full_weights():
     assert n_replicated == sum(axis is None for _, _, axis in pairs[0]) == 4 + 6 * checks.LAYERS
 
 
-def test_sharding_a_dimension_that_does_not_divide_is_one_line_error():
+def test_xla_segments_compile_forward_and_backward_and_equal_the_full_model():
+    """build_shard(xla=True): every segment and its gradient is an XLA function of its own."""
+    full = checks.full_model()
+    shard = build_shard(full, layout(1, 1, 0), xla=True)
+    x, y = checks.batch(3)
+
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = checks._loss(shard(x, training=True), y)
+        return tape.gradient(loss, shard.trainable_variables)
+
+    library = gradients.get_concrete_function().graph.as_graph_def().library.function
+    compiled = [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+    # Per block LN1, attention, LN2 + residual, feed-forward, residual; embedding; head.
+    segments = 5 * checks.LAYERS + 2
+    assert len(compiled) == 3 * segments, compiled  # forward, and its forward/backward pair
+    assert sum("backward" in name for name in compiled) == segments, compiled
+    np.testing.assert_allclose(shard(x), full(x), atol=1e-5)
+
     with pytest.raises(UserError, match="does not divide a weight's dimension 3"):
         shard_full_weights([np.zeros((4, 3))], [1], layout(2, 2, 0))
 
@@ -159,6 +178,28 @@ def test_np2_sgd_steps_equal_the_full_model_and_replicas_stay_identical(tp2):
 @pytest.mark.multiprocess
 def test_np2_with_dropout_shards_keep_replicated_weights_identical(tp2):
     assert checks.check_dropout(tp2) > 0
+
+
+@pytest.mark.multiprocess
+def test_np2_accumulated_steps_equal_the_full_model_on_the_whole_batch(tp2):
+    """train.accumulate_steps=2 (clipped by the whole model's norm): 3 updates of 2 passes."""
+    assert checks.check_accumulation(tp2) <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_np2_mixed_bfloat16_trains_with_identical_replicated_weights(tp2):
+    """bfloat16 activations through the allreduces; the loss stays close to T=1's."""
+    assert checks.check_mixed_bfloat16(tp2) <= checks.BF16_LOSS_RTOL
+
+
+@pytest.mark.multiprocess
+def test_np2_xla_segments_equal_the_full_model(tp2):
+    """build_shard(xla=True) (off in training: no faster on CPUs): logits and gradients.
+
+    The collectives stay between the XLA segments, their gradients too.
+    """
+    assert checks.check_forward(tp2, xla=True) <= 1e-5
+    assert checks.check_gradients(tp2, xla=True) <= 1e-5
 
 
 # --- horovodrun -np 4 ---------------------------------------------------------------

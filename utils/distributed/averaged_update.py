@@ -270,12 +270,20 @@ def tensor_parallel_norm(dist: _Distributed, grads: Sequence, variables: Sequenc
             continue
         square = tf.reduce_sum(tf.square(tf.cast(g, "float32")))
         (split if dist._var_key(v) in dist._hvd_split_keys else replicated).append(square)
-    split_sum = tf.add_n(split)
-    if core.world().horovod and dist._hvd_tensor_group.size > 1:
-        split_sum = core.hvd.allreduce(
-            split_sum, op=core.hvd.Sum, process_set=core.process_set(dist._hvd_tensor_group)
+    split_sum, replicated_sum = tf.add_n(split), tf.add_n(replicated)
+    size = dist._hvd_tensor_group.size
+    if core.world().horovod and size > 1:
+        # The whole sum goes through the allreduce, whose result is the same on every shard
+        # bit for bit; a replicated sum added after it could round differently from shard to
+        # shard (Grappler may order the additions differently), and so would the clipping.
+        return tf.sqrt(
+            core.hvd.allreduce(
+                split_sum + replicated_sum / size,
+                op=core.hvd.Sum,
+                process_set=core.process_set(dist._hvd_tensor_group),
+            )
         )
-    return tf.sqrt(split_sum + tf.add_n(replicated))
+    return tf.sqrt(split_sum + replicated_sum)
 
 
 def clip_by_global_norm(grads: Sequence[Any], clip_norm: float, norm: Any = None) -> list[Any]:

@@ -28,7 +28,9 @@ block puts around its column-parallel and row-parallel layers:
     reduce_from_tensor_group  forward: allreduce-sum   backward: identity
 
 Horovod ops have no XLA kernels: a model that calls these cannot be
-compiled with `jit_compile=True`.
+compiled with `jit_compile=True` (the compute between them can:
+models/tensor_parallel.py, `xla=True`). bfloat16 tensors (mixed_bfloat16)
+travel as float32: Horovod's TensorFlow allreduce does not take bfloat16.
 """
 
 from __future__ import annotations
@@ -123,7 +125,16 @@ def _active(group: ProcessGroup) -> bool:
 
 
 def _allreduce_sum(x: tf.Tensor, group: ProcessGroup) -> tf.Tensor:
-    return core.hvd.allreduce(x, op=core.hvd.Sum, process_set=core.process_set(group))
+    """Sum over `group`; bfloat16 (mixed_bfloat16 activations) travels and adds as float32.
+
+    Horovod's TensorFlow allreduce has no bfloat16 kernel. The sum is rounded
+    back to bfloat16 once, the same on every rank.
+    """
+    dtype = x.dtype
+    if dtype == tf.bfloat16:
+        x = tf.cast(x, tf.float32)
+    out = core.hvd.allreduce(x, op=core.hvd.Sum, process_set=core.process_set(group))
+    return tf.cast(out, dtype) if dtype == tf.bfloat16 else out
 
 
 def copy_to_tensor_group(x: tf.Tensor, tp: TensorParallel) -> tf.Tensor:
