@@ -51,7 +51,8 @@ def run_data(task, saved: dict[str, Any], rd, data: str | None):
         return load_prepared(saved["data"]["dir"])
     if data:
         config.data.path, config.data.format = data, "auto"
-    tokenizer = rd.tokenizer if data or config.train.init_from else None
+    t = config.train
+    tokenizer = rd.tokenizer if data or t.init_from or t.init_from_preset else None
     log = distributed.print0 if distributed.is_chief() else (lambda *a, **k: None)
     dirs = distributed.local_chief_runs(
         lambda: str(

@@ -13,6 +13,7 @@
     python main.py generate --run-dir runs/exp1 --prompt "Return the"
     python main.py --task mlm --run-dir runs/mlm                      # BERT-style pretraining
     python main.py --task classify --init-from runs/mlm              # fine-tune on labelled text
+    python main.py --init-from-preset ./my_gpt2 --data notes.txt     # start from a keras-hub preset
     python main.py predict --run-dir runs/cls --text "Parse an email message."
     python main.py prepare --data corpus/       # prepare the data only
     python main.py export --run-dir runs/exp1 --quantize int8   # SavedModel taking raw strings
@@ -35,13 +36,14 @@ from utils.config import Config
 from utils.errors import UserError, run_main
 
 
-def prepare_data(task, world) -> None:
+def prepare_data(task, world, preset: pathlib.Path | None = None) -> None:
     """Horovod: one process per host prepares the data (hosts may not share a
-    filesystem) and the others wait; the same settings give the same directory."""
+    filesystem) and the others wait; the same settings give the same directory.
+    `preset`: a preset's preset.json, whose tokenizer encodes the data."""
     from data.prepare import load_prepared
     from utils import distributed
 
-    tokenizer = None
+    tokenizer = preset
     if task.config.train.init_from:  # encode with the pretrained encoder's tokenizer
         tokenizer = pathlib.Path(task.config.train.init_from) / "tokenizer.model"
 
@@ -58,9 +60,11 @@ def prepare_data(task, world) -> None:
     task.prepared = load_prepared(dirs[0])
 
 
-def check_input(config: Config) -> None:
-    """Fail fast, before TensorFlow is imported: the data path and --init-from."""
+def check_input(config: Config, resume: bool = False) -> None:
+    """Fail fast, before TensorFlow is imported: the data path, --init-from and a local preset
+    (which a resumed run does not need: its run directory keeps the preset's preset.json)."""
     from data.sources import open_pairs, open_source
+    from utils.presets import check_local, is_local
 
     d = config.data
     if config.task == "seq2seq":  # pairs: a source and a target column
@@ -68,6 +72,8 @@ def check_input(config: Config) -> None:
     else:
         label_column = d.label_column if config.task == "classify" else None
         open_source(d.path, d.format, d.text_column, label_column)
+    if config.train.init_from_preset and is_local(config.train.init_from_preset) and not resume:
+        check_local(config.train.init_from_preset, config.task)
     if config.train.init_from:
         from utils.run_dir import RunDir
 
@@ -92,7 +98,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
         config = resume_config(RunDir(args.run_dir), args)
     else:
         config = config_from_args(args)
-    check_input(config)
+    check_input(config, args.resume)
 
     from utils import distributed
 
@@ -109,8 +115,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
     import train
     from models.tasks import make_task
 
+    preset = fetch_preset(config, RunDir(args.run_dir) if args.resume else None)
     task = make_task(config)
-    prepare_data(task, world)
+    prepare_data(task, world, preset)
     task.check_sizes()
     path = args.run_dir or str(default_run_dir(args.preset, config.task))
     run_dir = RunDir(distributed.chief_runs(lambda: _create_run_dir(path, args.resume), "run_dir"))
@@ -119,6 +126,48 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
     )
     finish_run(task, model, run_dir)
     distributed.shutdown()
+
+
+def fetch_preset(config: Config, resumed=None) -> pathlib.Path | None:
+    """--init-from-preset: every rank gets the preset's preset.json (architecture, tokenizer).
+
+    Rank 0 reads the preset (or, resuming, the run directory's copy, so the
+    preset need not exist any more) and broadcasts the bundle: hosts without
+    a shared filesystem or network need nothing but the launch. The weights
+    stay on rank 0 until training starts and Horovod broadcasts them.
+    `model.seq_len` is capped at the backbone's longest input.
+    """
+    handle = config.train.init_from_preset
+    if not handle:
+        return None
+    import atexit
+    import shutil
+    import tempfile
+
+    from utils import distributed
+    from utils.presets import BUNDLE_NAME, read_bundle
+
+    def read_here() -> bytes:
+        if resumed is not None and resumed.tokenizer.name == BUNDLE_NAME:
+            return resumed.tokenizer.read_bytes()
+        from models.presets import fetch
+
+        return fetch(handle, config.task)[0]
+
+    data = distributed.chief_runs(read_here, "preset")
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="preset-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    bundle = scratch / BUNDLE_NAME
+    bundle.write_bytes(data)
+    info = read_bundle(bundle)["info"]
+    longest = info.get("max_sequence_length")
+    if longest and config.model.seq_len > longest:
+        distributed.print0(
+            f"note: model.seq_len {config.model.seq_len} -> {longest}, the longest input of "
+            f"the preset's {info['backbone']}"
+        )
+        config.model.seq_len = longest
+    return bundle
 
 
 def finish_run(task, model, run_dir) -> None:
@@ -168,8 +217,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from utils import distributed
 
     world = distributed.init(threads=config.train.threads)
+    preset = fetch_preset(config)
     task = make_task(config)
-    prepare_data(task, world)
+    prepare_data(task, world, preset)
     distributed.print0(f"prepared: {task.prepared.dir}")
 
 

@@ -295,6 +295,15 @@ def restore(model: keras.Model, run_dir: RunDir) -> Progress:
     return Progress.from_dict(state, best_weights=list(arrays) or None)
 
 
+def preset_record(prepared) -> dict[str, Any]:
+    """{"init_from_preset": the preset's handle, SHA-256 of its files, backbone}, if it has one."""
+    from utils.presets import is_bundle, read_bundle
+
+    if not is_bundle(prepared.tokenizer_path):
+        return {}
+    return {"init_from_preset": read_bundle(prepared.tokenizer_path)["info"]}
+
+
 def init_from(model: keras.Model, source_dir: str) -> None:
     """Copy a pretrained run's encoder into `model` on rank 0 (fit broadcasts it).
 
@@ -357,12 +366,14 @@ def run_training(
     keras.mixed_precision.set_global_policy(t.precision)
     model = task.build_model()
     compile_model(task, model, t, peak_lr, total_steps)
-    if resume:
-        progress = restore(model, run_dir)
-    else:
+    progress = restore(model, run_dir) if resume else Progress()
+    if progress.global_step == 0:  # a new start (or a resume before any checkpoint)
         if t.init_from:
             init_from(model, t.init_from)
-        progress = Progress()
+        if t.init_from_preset:  # rank 0 reads the weights; fit broadcasts them
+            from models.presets import load_weights
+
+            distributed.chief_runs(lambda: load_weights(model, t.init_from_preset), "weights")
     parameters, sharded = count_params(model), None
     if tensor > 1:  # from here on no rank keeps the full model (models/sharded_state.py)
         model, sharded = shard_model(task, model, progress, peak_lr, total_steps)
@@ -379,6 +390,7 @@ def run_training(
                 "steps_per_epoch": steps,
                 "total_steps": total_steps,
                 "parameters": parameters,
+                **preset_record(prepared),
                 "versions": versions(),
                 "data": {
                     "dir": str(prepared.dir.resolve()),

@@ -26,7 +26,6 @@ import collections
 import hashlib
 import json
 import pathlib
-import shutil
 import sys
 from collections.abc import Callable
 
@@ -39,8 +38,10 @@ from data.prepare import (
     Prepared,
     _bar,
     cached_build,
+    copy_tokenizer,
     learn_vocabulary,
     load_tokenizer,
+    special_ids,
 )
 from data.sources import Source, open_source
 from utils.config import DataConfig
@@ -253,8 +254,7 @@ def _build(
     if tokenizer is None:
         tokenizer_path = learn_vocabulary(work, cfg, train_chars)
     else:
-        tokenizer_path = work / "tokenizer.model"
-        shutil.copyfile(tokenizer, tokenizer_path)
+        tokenizer_path = copy_tokenizer(tokenizer, work)
     (work / "train.txt").unlink()
     encoded = _encode(work, tokenizer_path, labels, progress)
     train_counts = np.array([counts["train"][label] for label in labels], dtype=np.float64)
@@ -273,7 +273,7 @@ def _build(
         "skipped": collected["skipped"],
         "warnings": warnings,
         "text_sha256": _hash_texts(work),
-        "special_ids": {"pad": 0, "unk": 1, "bos": 2, "eos": 3},
+        "special_ids": special_ids(load_tokenizer(tokenizer_path)),
         **encoded,
     }
     (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

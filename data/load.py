@@ -212,7 +212,10 @@ class Documents(Shards):
         ids: every document's token ids, concatenated.
         offsets: document i is ids[offsets[i]:offsets[i+1]] (len = documents + 1).
         labels: one class id per document.
-        seq_len: tokens per row (longer documents are cut, shorter padded with 0).
+        seq_len: tokens per row (longer documents are cut, shorter padded).
+        pad_id: the id that fills a short row.
+        start_id, end_id: ids that open and close every row (a preset's
+            [CLS] and [SEP], which its pretraining put there); None: none.
     """
 
     def __init__(
@@ -224,6 +227,9 @@ class Documents(Shards):
         batch_size: int,
         rank: int = 0,
         world: int = 1,
+        pad_id: int = 0,
+        start_id: int | None = None,
+        end_id: int | None = None,
     ):
         super().__init__(batch_size, rank, world)
         if len(offsets) != len(labels) + 1:
@@ -231,6 +237,7 @@ class Documents(Shards):
                 f"offsets must have one entry more than labels; got {len(offsets)} and {len(labels)}"
             )
         self.ids, self.offsets, self.labels, self.seq_len = ids, offsets, labels, seq_len
+        self.pad_id, self.start_id, self.end_id = pad_id, start_id, end_id
 
     @property
     def num_samples(self) -> int:
@@ -242,9 +249,29 @@ class Documents(Shards):
     def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.zeros((len(indices), self.seq_len), np.int32)
         for row, i in enumerate(indices):
-            start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len)
-            rows[row, : end - start] = self.ids[start:end]
+            ids = self.ids[self.offsets[i] : self.offsets[i + 1]]
+            rows[row] = document_row(ids, self.seq_len, self.pad_id, self.start_id, self.end_id)
         return rows, np.asarray(self.labels[indices], dtype=np.int32)
+
+
+def document_row(
+    ids: np.ndarray,
+    seq_len: int,
+    pad_id: int = 0,
+    start_id: int | None = None,
+    end_id: int | None = None,
+) -> np.ndarray:
+    """One document as a model row: [start] ids... [end], cut to `seq_len` and padded."""
+    row = np.full(seq_len, pad_id, np.int32)
+    first = 0 if start_id is None else 1
+    body = seq_len - first - (end_id is not None)
+    ids = np.asarray(ids[:body], np.int32)
+    row[first : first + len(ids)] = ids
+    if start_id is not None:
+        row[0] = start_id
+    if end_id is not None:
+        row[first + len(ids)] = end_id
+    return row
 
 
 class Pairs(Shards):

@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import shutil
 import sys
 from collections.abc import Callable
 
@@ -44,6 +43,7 @@ from data.prepare import (
     Prepared,
     _bar,
     cached_build,
+    copy_tokenizer,
     learn_vocabulary,
     load_tokenizer,
     split_of,
@@ -200,8 +200,7 @@ def _build(
     if tokenizer is None:
         tokenizer_path = learn_vocabulary(work, cfg, (work / "train.txt").stat().st_size)
     else:
-        tokenizer_path = work / "tokenizer.model"
-        shutil.copyfile(tokenizer, tokenizer_path)
+        tokenizer_path = copy_tokenizer(tokenizer, work)
     (work / "train.txt").unlink()
     seq_len, target_len = lengths
     encoded = _encode(work, tokenizer_path, {"source": seq_len, "target": target_len}, progress)

@@ -9,7 +9,9 @@ prepared twice, and a changed one never reuses stale shards):
 
     train.bin, val.bin, test.bin   token ids (uint16, or uint32 for vocabularies
                                    over 65,536), documents separated by </s>
-    tokenizer.model                the SentencePiece model (keras-hub tokenizer)
+    tokenizer.model                the SentencePiece model (keras-hub tokenizer), or
+    preset.json                    a keras-hub preset's tokenizer and config
+                                   (--init-from-preset; utils/presets.py)
     meta.json                      sizes, hashes, token counts, settings
 
 The input is streamed, never held in memory whole: a first pass (pure Python,
@@ -33,6 +35,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,10 +46,12 @@ from data.sources import Document, Source, open_source
 from utils.config import DataConfig
 from utils.errors import UserError
 from utils.io import build_once
+from utils.presets import BUNDLE_NAME, is_bundle, unpack
 
 PREP_VERSION = 2  # bump when the same input and settings would give other output
 SPLITS = ("train", "val", "test")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # keras-hub's SentencePiece trainer ids
+SENTENCEPIECE_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
 _MAX_SAMPLE_LINE = 2000  # SentencePiece skips training sentences over 4,192 bytes
 _ENCODE_BATCH = 256
 
@@ -60,7 +65,8 @@ class Prepared:
 
     @property
     def tokenizer_path(self) -> pathlib.Path:
-        return self.dir / "tokenizer.model"
+        """tokenizer.model (learned here) or preset.json (a keras-hub preset's)."""
+        return tokenizer_file(self.dir)
 
     @property
     def vocab_size(self) -> int:
@@ -74,12 +80,51 @@ class Prepared:
         return np.memmap(path, dtype=self.meta["dtype"], mode="r")
 
 
+def tokenizer_file(directory: pathlib.Path) -> pathlib.Path:
+    """The tokenizer a prepared or run directory holds: preset.json if present, else tokenizer.model."""
+    bundle = directory / BUNDLE_NAME
+    return bundle if bundle.is_file() else directory / "tokenizer.model"
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The keras-hub SentencePiece tokenizer saved at `path`."""
+    """The keras-hub tokenizer saved at `path`: a SentencePiece model, or a preset bundle."""
     import keras_hub
 
+    if is_bundle(path):
+        with tempfile.TemporaryDirectory(prefix="tokenizer-") as scratch:
+            return keras_hub.tokenizers.Tokenizer.from_preset(
+                str(unpack(path, pathlib.Path(scratch)))
+            )
     # Passed as bytes: given a path, keras-hub leaves the file open.
     return keras_hub.tokenizers.SentencePieceTokenizer(proto=pathlib.Path(path).read_bytes())
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """The ids that pad, open and end a text, for this project's or a preset's tokenizer.
+
+    A learned SentencePiece model has fixed ones. A preset's tokenizer names
+    them (keras-hub's start/end/pad tokens); "pad" is None when its pad id is
+    an ordinary token (GPT-2's is id 0, "!"), so nothing is masked by value.
+    """
+    if getattr(tokenizer, "end_token_id", None) is None:
+        return dict(SENTENCEPIECE_IDS)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None and tokenizer.id_to_token(pad) not in tokenizer.special_tokens:
+        pad = None
+    start = getattr(tokenizer, "start_token_id", None)  # RoBERTa's <s> is id 0
+    return {
+        "pad": pad,
+        "unk": None,
+        "bos": int(tokenizer.end_token_id if start is None else start),
+        "eos": int(tokenizer.end_token_id),
+    }
+
+
+def copy_tokenizer(tokenizer: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
+    """Put a given tokenizer file into a directory being built, under its kind's name."""
+    target = work / (BUNDLE_NAME if is_bundle(tokenizer) else "tokenizer.model")
+    shutil.copyfile(tokenizer, target)
+    return target
 
 
 def load_prepared(path: str | os.PathLike) -> Prepared:
@@ -276,6 +321,7 @@ def encode_splits(
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = int(tokenizer.vocabulary_size())
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    eos = special_ids(tokenizer)["eos"]
     counts = {}
     with _bar(sum(docs.values()), "encoding", "doc", progress) as bar:
         for split in SPLITS:
@@ -285,7 +331,7 @@ def encode_splits(
                 open(work / f"{split}.bin", "wb") as dst,
             ):
                 for batch in _batches(src, _ENCODE_BATCH):
-                    ids = _encode_batch(tokenizer, batch, dtype)
+                    ids = _encode_batch(tokenizer, batch, dtype, eos)
                     dst.write(ids.tobytes())
                     n += len(ids)
                     bar.update(len(batch))
@@ -305,8 +351,8 @@ def _batches(lines, size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _encode_batch(tokenizer, texts: list[str], dtype) -> np.ndarray:
-    """Token ids of `texts`, concatenated, each followed by EOS."""
+def _encode_batch(tokenizer, texts: list[str], dtype, eos: int = EOS_ID) -> np.ndarray:
+    """Token ids of `texts`, concatenated, each followed by `eos`."""
     ids = tokenizer(texts)  # a RaggedTensor, or lists when keras-hub runs SentencePiece directly
     if hasattr(ids, "flat_values"):
         values, lengths = ids.flat_values.numpy(), ids.row_lengths().numpy()
@@ -319,7 +365,7 @@ def _encode_batch(tokenizer, texts: list[str], dtype) -> np.ndarray:
     eos_at = np.cumsum(lengths + 1) - 1
     is_eos = np.zeros(len(out), dtype=bool)
     is_eos[eos_at] = True
-    out[is_eos] = EOS_ID
+    out[is_eos] = eos
     out[~is_eos] = values
     return out
 
@@ -382,8 +428,9 @@ def prepare(
         cfg: the data section of the run's config.
         progress: show progress bars (rank 0 only, under Horovod).
         log: where one-line status messages go.
-        tokenizer: encode with this SentencePiece model instead of learning
-            one (to evaluate a trained run on other text).
+        tokenizer: encode with this tokenizer (a SentencePiece model, or a
+            preset's preset.json) instead of learning one (to evaluate a
+            trained run on other text, or to start from a preset).
     """
     source = open_source(cfg.path, cfg.format, cfg.text_column)
     prepared, built = cached_build(
@@ -419,8 +466,7 @@ def _build(
     if tokenizer is None:
         tokenizer_path = learn_vocabulary(work, cfg, split_stats["chars"]["train"])
     else:
-        tokenizer_path = work / "tokenizer.model"
-        shutil.copyfile(tokenizer, tokenizer_path)
+        tokenizer_path = copy_tokenizer(tokenizer, work)
     counts, vocab_size, dtype = encode_splits(
         work, tokenizer_path, split_stats["documents"], progress
     )
@@ -434,7 +480,7 @@ def _build(
         "tokens": counts,
         "vocab_size": vocab_size,
         "dtype": dtype,
-        "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        "special_ids": special_ids(load_tokenizer(tokenizer_path)),
     }
     prepared = Prepared(work, meta)
     meta["unigram_perplexity"] = {

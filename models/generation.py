@@ -28,6 +28,11 @@ def make_sampler(
         return keras_hub.samplers.TopKSampler(k=k, seed=seed, temperature=temperature)
     if name == "top_p":
         return keras_hub.samplers.TopPSampler(p=p, k=None, seed=seed, temperature=temperature)
+    if name == "beam":
+        raise UserError(
+            "--sampler beam (beam search) is for seq2seq runs; this run generates with "
+            "greedy, top_k or top_p"
+        )
     raise UserError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
@@ -54,9 +59,9 @@ def generate_ids(
 
     @tf.function(reduce_retracing=True)
     def next_logits(window, last):
-        logits = model(
-            {"token_ids": window, "padding_mask": tf.cast(window != 0, "int32")}, training=False
-        )
+        real = tf.range(tf.shape(window)[1])[None, :] <= last[0]  # not by id: GPT-2 has no pad
+        mask = tf.cast(tf.broadcast_to(real, tf.shape(window)), "int32")
+        logits = model({"token_ids": window, "padding_mask": mask}, training=False)
         return tf.gather(logits, last, axis=1, batch_dims=0)[:, 0, :]
 
     tokens = prompts

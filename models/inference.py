@@ -49,7 +49,11 @@ class Run:
         names = {layer.name for layer in self.model.layers}
         if BACKBONE_NAME in names:
             return int(self.model.get_layer(BACKBONE_NAME).vocabulary_size)
-        return int(self.model.get_layer("token_embedding").input_dim)
+        if "token_embedding" in names:
+            return int(self.model.get_layer("token_embedding").input_dim)
+        from models.presets import backbone_of  # a model on a keras-hub preset's backbone
+
+        return int(backbone_of(self.model).token_embedding.input_dim)
 
 
 def load_run(path: str | pathlib.Path) -> Run:
@@ -79,7 +83,7 @@ def load_run(path: str | pathlib.Path) -> Run:
     run = Run(rd.path, model, tokenizer, config, rd.read_config())
     if run.vocab_size != int(tokenizer.vocabulary_size()):
         raise UserError(
-            f"{rd.path}: tokenizer.model has {tokenizer.vocabulary_size()} tokens but the model "
+            f"{rd.path}: {rd.tokenizer.name} has {tokenizer.vocabulary_size()} tokens but the model "
             f"was built for {run.vocab_size}; the tokenizer does not belong to this model"
         )
     return run

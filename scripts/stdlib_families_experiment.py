@@ -11,7 +11,15 @@ For each seed, through the real command line (`python main.py ...`):
    classification validation or test split (so no held-out text is seen in
    pretraining), then fine-tuned (`--task classify --init-from`);
 3. the TF-IDF + logistic-regression baseline that evaluate.py fits on the
-   same training split (deterministic: one figure for all seeds).
+   same training split (deterministic: one figure for all seeds);
+4. with `--preset-row` (alone: the other rows and the pretraining are not
+   run again), a classifier fine-tuned from a keras-hub preset created here
+   (`--init-from-preset`) under `horovodrun -np 2`: a BERT backbone of
+   bert_tiny_en_uncased's shape with *random* weights and a WordPiece
+   vocabulary learned from the training split, saved by `save_to_preset`.
+   It shows the preset -> fine-tuning -> evaluation pipeline under Horovod
+   (the np=2 run's test figures equal a one-process `evaluate` of it) and
+   its cost per step, not pretrained quality.
 
 Prints a table of test macro-F1 and accuracy (mean and standard deviation
 over the seeds) and writes it, with every run's figures, to
@@ -58,6 +66,81 @@ def pretraining_corpus(prepared_dir: pathlib.Path, out: pathlib.Path) -> int:
     return count
 
 
+def local_bert_preset(prepared_dir: pathlib.Path, out: pathlib.Path, seed: int) -> pathlib.Path:
+    """A BERT preset of bert_tiny_en_uncased's shape (2 layers, width 128, 2 heads, FFN 512),
+    random weights, WordPiece vocabulary learned from the classification training split."""
+    from models.presets import save_bert_preset
+
+    with open(prepared_dir / "train.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    return save_bert_preset(texts, out, vocabulary_size=8000, seed=seed)
+
+
+def ms_per_step(run: pathlib.Path) -> float:
+    """Median wall time of a training step over the epochs after the first (which compiles)."""
+    import csv
+
+    steps = json.loads((run / "config.json").read_text())["steps_per_epoch"]
+    with open(run / "history.csv", newline="") as f:
+        seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(f)][1:]
+    return 1000 * statistics.median(seconds) / steps if seconds else float("nan")
+
+
+def preset_row(work: pathlib.Path, prepared: pathlib.Path, seeds: list[int], extra: str) -> None:
+    """Row 4: fine-tune from a locally created preset under horovodrun -np 2, per seed."""
+    import shutil
+
+    horovodrun = shutil.which("horovodrun", path=str(pathlib.Path(sys.executable).parent))
+    runs = []
+    for seed in seeds:
+        preset = local_bert_preset(prepared, work / f"bert-preset-seed{seed}", seed)
+        run = work / f"preset-finetuned-seed{seed}"
+        log = work / f"{run.name}.log"
+        launch = [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo"] if horovodrun else []
+        with open(log, "w") as out:
+            command = [*launch, sys.executable, str(ROOT / "main.py"), "--task", "classify"]
+            command += [f"--train.seed={seed}", "--init-from-preset", str(preset), *extra.split()]
+            if subprocess.run([*command, "--run-dir", str(run)], stdout=out, stderr=out).returncode:
+                raise SystemExit(f"failed: {' '.join(command)}; see {log}")
+        trained = json.loads((run / "metrics.json").read_text())
+        main_py("evaluate", "--run-dir", str(run), log=work / f"{run.name}-evaluate.log")
+        evaluated = json.loads((run / "metrics.json").read_text())
+        record = json.loads((run / "config.json").read_text())
+        runs.append(
+            {
+                "seed": seed,
+                "run": str(run),
+                "ranks": record["world"]["size"],
+                "parameters": record["parameters"],
+                "preset": record["init_from_preset"],
+                "macro_f1": trained["test_macro_f1"],
+                "accuracy": trained["test_accuracy"],
+                "one_process_evaluate": {
+                    "macro_f1": evaluated["test_macro_f1"],
+                    "accuracy": evaluated["test_accuracy"],
+                },
+                "best_epoch": trained["best_epoch"],
+                "ms_per_step": ms_per_step(run),
+                "global_batch": record["global_batch"],
+            }
+        )
+        print(
+            f"seed {seed} preset: macro-F1 {trained['test_macro_f1']:.4f} (one-process evaluate "
+            f"{evaluated['test_macro_f1']:.4f}), accuracy {trained['test_accuracy']:.4f}, "
+            f"{runs[-1]['ms_per_step']:.1f} ms/step at np={runs[-1]['ranks']}",
+            flush=True,
+        )
+    results = {
+        "python": sys.version.split()[0],
+        "classify_args": extra,
+        "macro_f1": summary([r["macro_f1"] for r in runs]),
+        "accuracy": summary([r["accuracy"] for r in runs]),
+        "runs": runs,
+    }
+    (work / "results_preset.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {work / 'results_preset.json'}")
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -78,6 +161,11 @@ def main() -> None:
     parser.add_argument(
         "--classify-args", default="", help="extra main.py flags for the classification runs"
     )
+    parser.add_argument(
+        "--preset-row",
+        action="store_true",
+        help="only the row fine-tuned from a locally created keras-hub preset (under np=2)",
+    )
     args = parser.parse_args()
     work = pathlib.Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -90,6 +178,9 @@ def main() -> None:
             if line.startswith("prepared: ")
         )
     )
+    if args.preset_row:
+        preset_row(work, prepared, args.seeds, args.classify_args)
+        return
     documents = pretraining_corpus(prepared, work / "pretrain.jsonl")
     print(
         f"classification data: {prepared}; pretraining corpus: {documents} docstrings", flush=True

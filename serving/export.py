@@ -61,14 +61,13 @@ def load_trained(run_dir: str | os.PathLike):
 def next_logits_fn(model: Any):
     """(window [B, seq_len], last [B]) -> the model's logits at each row's `last` position [B, V].
 
-    Padding (id 0) is masked, as models.generation.generate_ids does.
+    Positions after `last` are masked, as models.generation.generate_ids does.
     """
     import tensorflow as tf
 
     def next_logits(window, last):
-        logits = model(
-            {"token_ids": window, "padding_mask": tf.cast(window != 0, tf.int32)}, training=False
-        )
+        mask = tf.sequence_mask(last + 1, tf.shape(window)[1], dtype=tf.int32)
+        logits = model({"token_ids": window, "padding_mask": mask}, training=False)
         return tf.gather(logits, last, axis=1, batch_dims=1)
 
     return next_logits
@@ -78,8 +77,10 @@ def causal_lm_functions(model: Any, tokenizer: Any, seq_len: int) -> dict[str, A
     """The two generation signatures as tf.functions."""
     import tensorflow as tf
 
-    from data.prepare import EOS_ID
+    from data.prepare import special_ids
     from serving.graph import generation_loop
+
+    eos = special_ids(tokenizer)["eos"]
 
     def run(prompts, max_new_tokens, seed):
         ids = generation_loop(
@@ -89,7 +90,7 @@ def causal_lm_functions(model: Any, tokenizer: Any, seq_len: int) -> dict[str, A
             seed,
             seq_len=seq_len,
             limit=MAX_NEW_TOKENS_LIMIT,
-            stop_id=EOS_ID,
+            stop_id=eos,
             top_k=TOP_K,
             temperature=TEMPERATURE,
         )
@@ -119,21 +120,35 @@ def causal_lm_functions(model: Any, tokenizer: Any, seq_len: int) -> dict[str, A
 
 
 def classify_functions(
-    model: Any, tokenizer: Any, seq_len: int, labels: list[str], lowercase: bool
+    model: Any,
+    tokenizer: Any,
+    seq_len: int,
+    labels: list[str],
+    lowercase: bool,
+    frame: dict[str, int | None],
 ) -> dict[str, Any]:
-    """The classification signature: cleaned, tokenized, cut to seq_len, as Classify.predict."""
+    """The classification signature: cleaned, tokenized, framed and cut to seq_len, as
+    Classify.predict (`frame`: its pad id, and a preset's start and end ids)."""
     import tensorflow as tf
 
     from serving.graph import clean_text
 
     names = tf.constant(labels)
+    pad, start, end = frame["pad_id"], frame.get("start_id"), frame.get("end_id")
+    body = seq_len - (start is not None) - (end is not None)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
     def serving_default(texts):
-        ids = tf.cast(tokenizer.tokenize(clean_text(texts, lowercase)), tf.int32)
-        rows = ids.to_tensor(0, shape=[None, seq_len])
+        ids = tf.cast(tokenizer.tokenize(clean_text(texts, lowercase)), tf.int32)[:, :body]
+        rows = tf.shape(texts)[:1]
+        parts = [ids]
+        if start is not None:
+            parts.insert(0, tf.RaggedTensor.from_tensor(tf.fill(tf.concat([rows, [1]], 0), start)))
+        if end is not None:
+            parts.append(tf.RaggedTensor.from_tensor(tf.fill(tf.concat([rows, [1]], 0), end)))
+        rows = tf.concat(parts, axis=1).to_tensor(pad, shape=[None, seq_len])
         logits = model(
-            {"token_ids": rows, "padding_mask": tf.cast(rows != 0, tf.int32)}, training=False
+            {"token_ids": rows, "padding_mask": tf.cast(rows != pad, tf.int32)}, training=False
         )
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         return {
@@ -200,7 +215,13 @@ def export_run(
         )
     else:
         labels = run.labels
-        functions = classify_functions(model, tokenizer, seq_len, labels, run.config.data.lowercase)
+        from data.prepare import special_ids
+        from models.tasks.classify import framing
+
+        frame = framing(run.config, special_ids(tokenizer))
+        functions = classify_functions(
+            model, tokenizer, seq_len, labels, run.config.data.lowercase, frame
+        )
         manifest["labels"] = labels
     try:  # traces the signatures: where a quantized layer that cannot run in a graph fails
         manifest["signatures"] = signatures_manifest(functions)

@@ -439,6 +439,12 @@ def test_tiny_run_under_horovodrun_np2_then_generate(tmp_path):
     line = generated.stdout.strip().splitlines()[-1]
     prompt, _, summary = line.partition("\t")  # the prompt, a tab, its summary
     assert prompt == "ka lo mi re su" and summary.strip(), line
+    beam = run_cli(
+        "generate", "--run-dir", str(run_dir), "--prompt", "ka lo mi re su", "--sampler", "beam",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert beam.returncode == 0, beam.stderr[-3000:]
+    assert beam.stdout.strip().splitlines()[-1].partition("\t")[2].strip()
     exported = run_cli("export", "--run-dir", str(run_dir), cwd=tmp_path, timeout=60)
     assert exported.returncode == 2 and "a --task seq2seq run" in exported.stderr
     assert not (run_dir / "export").exists()

@@ -1,7 +1,8 @@
 """The command-line grammar of main.py: one parser per command, one-line errors.
 
 python main.py [train] [--task causal_lm|mlm|classify|seq2seq] [--preset tiny|small] [--config FILE]
-               [--data PATH] [--run-dir DIR] [--resume] [--init-from DIR] [--section.key=value ...]
+               [--data PATH] [--run-dir DIR] [--resume] [--init-from DIR]
+               [--init-from-preset PRESET] [--section.key=value ...]
 python main.py evaluate --run-dir DIR [--split test] [--data PATH]
 python main.py generate --run-dir DIR --prompt TEXT [--max-new-tokens N] [--sampler ...]
 python main.py predict  --run-dir DIR (--text TEXT ... | --data FILE [--out FILE])
@@ -83,12 +84,14 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
-    """The --section.key flags, plus --data and --init-from as data.path and train.init_from."""
+    """The --section.key flags, plus --data, --init-from and --init-from-preset as their keys."""
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     if getattr(args, "data_path", None) is not None:
         overrides.setdefault("data.path", args.data_path)
     if getattr(args, "init_from", None):
         overrides.setdefault("train.init_from", args.init_from)
+    if getattr(args, "init_from_preset", None):
+        overrides.setdefault("train.init_from_preset", args.init_from_preset)
     if getattr(args, "elastic", False):
         overrides.setdefault("train.elastic", "true")
     return overrides
@@ -126,6 +129,12 @@ def build_parser(command: str, description: str = "") -> argparse.ArgumentParser
             "--init-from",
             metavar="DIR",
             help="classify: start the encoder from this --task mlm run (its model and tokenizer)",
+        )
+        p.add_argument(
+            "--init-from-preset",
+            metavar="PRESET",
+            help="causal_lm, classify: start from a keras-hub preset (a handle such as gpt2_base_en, "
+            "or a save_to_preset directory): its backbone, weights and tokenizer",
         )
         add_config_options(p)
     elif command == "prepare":
@@ -174,7 +183,10 @@ def build_parser(command: str, description: str = "") -> argparse.ArgumentParser
         )
         p.add_argument("--max-new-tokens", type=int, default=40, help="(default: %(default)s)")
         p.add_argument(
-            "--sampler", choices=SAMPLERS, default="greedy", help="(default: %(default)s)"
+            "--sampler",
+            choices=SAMPLERS,
+            default="greedy",
+            help="beam: beam search, seq2seq runs only (default: %(default)s)",
         )
         p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
         p.add_argument(

@@ -27,7 +27,7 @@ FORMATS = ("auto", "text", "jsonl", "csv")
 COMPRESSIONS = ("none", "fp16")
 NONFINITE = ("stop", "skip")
 PRECISIONS = ("float32", "mixed_bfloat16")
-SAMPLERS = ("greedy", "top_k", "top_p")  # generate --sampler
+SAMPLERS = ("greedy", "top_k", "top_p", "beam")  # generate --sampler (beam: seq2seq runs)
 QUANTIZE_MODES = ("int8", "int4", "float8")  # evaluate/export --quantize
 
 
@@ -178,6 +178,11 @@ class TrainConfig:
     )
     init_from: str = _opt(
         "", "start the encoder from this run directory's (an --task mlm run); classify only"
+    )
+    init_from_preset: str = _opt(
+        "",
+        "start from a keras-hub preset: a handle (gpt2_base_en) or a save_to_preset "
+        "directory; its backbone, weights and tokenizer (causal_lm, classify)",
     )
     class_weights: bool = _opt(True, "weight the loss by inverse class frequency (classify)")
     mask_rate: float = _opt(0.15, "share of tokens selected for prediction (mlm)")
@@ -487,6 +492,19 @@ def validate(config: Config) -> None:
         raise UserError(
             f"train.init_from (--init-from) is for --task classify; the task is {config.task}"
         )
+    if t.init_from_preset:
+        if config.task not in ("causal_lm", "classify"):
+            raise UserError(
+                "train.init_from_preset (--init-from-preset) is for --task causal_lm and --task "
+                f"classify; the task is {config.task}"
+            )
+        if t.init_from:
+            raise UserError("--init-from and --init-from-preset: choose one starting point")
+        if config.parallel.tensor > 1:
+            raise UserError(
+                "parallel.tensor > 1 shards this project's own Transformer blocks; a "
+                "--init-from-preset model trains data-parallel only (parallel.tensor=1)"
+            )
     validate_parallel(config)
 
 

@@ -6,6 +6,7 @@
     metrics.json     final metrics; later steps merge keys in, never drop them
     model.keras      the trained model
     tokenizer.model  the SentencePiece tokenizer the model was trained with
+    preset.json      instead, for --init-from-preset: the preset's tokenizer and config
     data.json        the prepared dataset's meta.json (sizes, hashes)
     curves.png       loss and accuracy per epoch (utils/plots.py)
     best.keras       the model at its best epoch (by val_loss, or val_macro_f1 for classify)
@@ -27,6 +28,7 @@ from typing import Any
 from utils.config import Config, apply_nested, validate
 from utils.errors import UserError
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from utils.presets import BUNDLE_NAME
 
 
 def default_run_dir(preset: str, task: str) -> pathlib.Path:
@@ -44,7 +46,14 @@ class RunDir:
     history = property(lambda self: self.path / "history.csv")
     metrics = property(lambda self: self.path / "metrics.json")
     model = property(lambda self: self.path / "model.keras")
-    tokenizer = property(lambda self: self.path / "tokenizer.model")
+    # tokenizer.model (learned), or preset.json (a keras-hub preset's, utils/presets.py)
+    tokenizer = property(
+        lambda self: (
+            self.path / BUNDLE_NAME
+            if (self.path / BUNDLE_NAME).is_file()
+            else self.path / "tokenizer.model"
+        )
+    )
     data_meta = property(lambda self: self.path / "data.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     tensorboard = property(lambda self: self.path / "tensorboard")
@@ -89,7 +98,7 @@ class RunDir:
         return config
 
     def copy_data_files(self, tokenizer: pathlib.Path, meta: dict[str, Any]) -> None:
-        atomic_write_bytes(self.tokenizer, tokenizer.read_bytes())
+        atomic_write_bytes(self.path / tokenizer.name, tokenizer.read_bytes())
         atomic_write_json(self.data_meta, meta)
 
     def read_history(self) -> list[dict[str, str]]:

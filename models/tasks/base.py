@@ -36,18 +36,20 @@ import tensorflow as tf
 from keras import ops
 
 from data.load import Shards
-from data.prepare import PAD_ID, Prepared
+from data.prepare import PAD_ID, SENTENCEPIECE_IDS, Prepared
 from utils import distributed
 from utils.config import Config
 from utils.errors import UserError
 from utils.metrics import Sums
 
 
-def model_inputs(token_ids) -> dict:
-    """The model's input dict for a batch of token ids (padding is id 0)."""
+def model_inputs(token_ids, pad_id: int | None = PAD_ID) -> dict:
+    """The model's input dict for a batch of token ids; `pad_id` None: nothing is padding."""
+    if pad_id is None:
+        return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, "int32")}
     return {
         "token_ids": token_ids,
-        "padding_mask": ops.cast(ops.not_equal(token_ids, PAD_ID), "int32"),
+        "padding_mask": ops.cast(ops.not_equal(token_ids, pad_id), "int32"),
     }
 
 
@@ -96,6 +98,17 @@ class Task:
     def __init__(self, config: Config, prepared: Prepared | None = None):
         self.config, self.prepared = config, prepared
 
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        """pad/bos/eos ids of the prepared data's tokenizer (data/prepare.py `special_ids`)."""
+        meta = self.prepared.meta if self.prepared else {}
+        return meta.get("special_ids", SENTENCEPIECE_IDS)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id that marks padding in this task's data (None: a preset's LM never pads)."""
+        return self.special_ids["pad"]
+
     # --- data ----------------------------------------------------------------
 
     def prepare(self, progress: bool, log, tokenizer=None) -> Prepared:
@@ -120,7 +133,7 @@ class Task:
     def fit_dataset(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
         """(inputs, targets[, sample weights]) batches for `model.fit`/`evaluate`."""
         return self.transform(dataset, training).map(
-            lambda x, y, w: (model_inputs(x), y), num_parallel_calls=tf.data.AUTOTUNE
+            lambda x, y, w: (model_inputs(x, self.pad_id), y), num_parallel_calls=tf.data.AUTOTUNE
         )
 
     def _check_train_batches(self, what: str, shorter: str = "") -> None:

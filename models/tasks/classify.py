@@ -16,13 +16,25 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from data.load import Documents, Shards
-from data.prepare import Prepared
+from data.load import Documents, Shards, document_row
+from data.prepare import Prepared, special_ids
 from models.metrics import SparseF1Score
 from models.tasks.base import Task, evaluate_totals, format_table, make_eval_fn, model_inputs
 from utils import distributed
 from utils.errors import UserError
 from utils.metrics import classification_metrics
+
+
+def framing(config, special: dict[str, int | None]) -> dict[str, int | None]:
+    """How a document becomes a row: a preset's rows open and close as in its pretraining."""
+    if not config.train.init_from_preset:
+        return {"pad_id": special["pad"]}
+    if special["pad"] is None:
+        raise UserError(
+            f"--init-from-preset {config.train.init_from_preset}: its tokenizer has no padding "
+            "token, which classification needs"
+        )
+    return {"pad_id": special["pad"], "start_id": special["bos"], "end_id": special["eos"]}
 
 
 class Classify(Task):
@@ -53,6 +65,7 @@ class Classify(Task):
             self.rows_per_step(split),
             distributed.data_rank(),
             distributed.data_size(),
+            **framing(self.config, self.special_ids),
         )
 
     def fit_dataset(self, dataset: tf.data.Dataset, training: bool) -> tf.data.Dataset:
@@ -60,7 +73,7 @@ class Classify(Task):
         class_weights = tf.constant(self.class_weights())
 
         def weighted(x, y, w):
-            return model_inputs(x), y, tf.gather(class_weights, y) * w
+            return model_inputs(x, self.pad_id), y, tf.gather(class_weights, y) * w
 
         return self.transform(dataset, training).map(weighted, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -75,6 +88,10 @@ class Classify(Task):
         }
 
     def build_model(self) -> keras.Model:
+        if self.config.train.init_from_preset:
+            from models.presets import build
+
+            return build(self.prepared.tokenizer_path, self.name, len(self.labels))
         from models.encoder import build_backbone, build_classifier
 
         backbone = build_backbone(self.config.model, self.prepared.vocab_size)
@@ -87,7 +104,7 @@ class Classify(Task):
 
     def stats(self, model, inputs, targets, weights, training: bool) -> dict:
         num_classes = len(self.labels)
-        logits = ops.cast(model(model_inputs(inputs), training=training), "float32")  # (B, C)
+        logits = ops.cast(model(model_inputs(inputs, self.pad_id), training=training), "float32")
         targets = ops.cast(targets, "int32")
         xent = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
         weighted = ops.take(ops.convert_to_tensor(self.class_weights()), targets) * weights
@@ -161,14 +178,15 @@ class Classify(Task):
         from data.clean import clean_text
 
         lowercase = run.config.data.lowercase
+        frame = framing(run.config, special_ids(run.tokenizer))
         results = []
         for start in range(0, len(texts), batch_size):
             batch = [clean_text(t, lowercase) for t in texts[start : start + batch_size]]
-            rows = np.zeros((len(batch), run.seq_len), np.int32)
-            for i, ids in enumerate(run.tokenizer.tokenize(batch)):
-                ids = np.asarray(ids, np.int32)[: run.seq_len]
-                rows[i, : len(ids)] = ids
-            logits = run.model(model_inputs(ops.convert_to_tensor(rows)), training=False)
+            rows = np.stack(
+                [document_row(ids, run.seq_len, **frame) for ids in run.tokenizer.tokenize(batch)]
+            )
+            inputs = model_inputs(ops.convert_to_tensor(rows), frame["pad_id"])
+            logits = run.model(inputs, training=False)
             probabilities = ops.convert_to_numpy(ops.softmax(logits, axis=-1))
             for p in probabilities:
                 best = int(np.argmax(p))

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.load import Shards, Windows
-from data.prepare import EOS_ID, PAD_ID, Prepared
+from data.prepare import Prepared, special_ids
 from models.generation import generate_ids, make_sampler
 from models.losses import token_class_stats, token_stats
 from models.tasks.base import Task, model_inputs
@@ -87,13 +87,17 @@ class CausalLM(LanguageModel):
         }
 
     def build_model(self) -> keras.Model:
+        if self.config.train.init_from_preset:
+            from models.presets import build
+
+            return build(self.prepared.tokenizer_path, self.name)
         from models.transformer import build_causal_lm
 
         return build_causal_lm(self.config.model, self.prepared.vocab_size)
 
     def stats(self, model, inputs, targets, weights, training: bool) -> dict:
-        logits = model(model_inputs(inputs), training=training)  # (B, T, V)
-        stats = token_stats(targets, logits, weights, PAD_ID)
+        logits = model(model_inputs(inputs, self.pad_id), training=training)  # (B, T, V)
+        stats = token_stats(targets, logits, weights, -1 if self.pad_id is None else self.pad_id)
         return {**stats, "loss_weight": stats["count"]}
 
     def metrics(self, totals: dict[str, Any]) -> dict[str, float]:
@@ -115,11 +119,15 @@ class CausalLM(LanguageModel):
     def token_metrics(self, model, shards: Shards) -> dict[str, float]:
         """Every count-based metric on this rank's shards, exact across ranks."""
         vocab = self.prepared.vocab_size
+        pad = -1 if self.pad_id is None else self.pad_id  # -1: every target counts
 
         @tf.function(jit_compile=self.config.train.xla, reduce_retracing=True)
         def stats(x, y, w):
-            logits = model(model_inputs(x), training=False)
-            return {**token_stats(y, logits, w), **token_class_stats(y, logits, w, vocab)}
+            logits = model(model_inputs(x, self.pad_id), training=False)
+            return {
+                **token_stats(y, logits, w, pad),
+                **token_class_stats(y, logits, w, vocab, pad),
+            }
 
         sums = Sums()
         for x, y, w in shards.eval_dataset():
@@ -164,15 +172,16 @@ class CausalLM(LanguageModel):
         if temperature <= 0:
             raise UserError(f"--temperature must be > 0; got {temperature}")
         chooser = make_sampler(sampler, temperature, seed)
+        eos = special_ids(run.tokenizer)["eos"]
         outputs = []
         for text in prompts:
             ids = [int(i) for i in run.tokenizer.tokenize(text)]
             if not ids:
                 raise UserError("the prompt is empty after tokenization")
             new = generate_ids(
-                run.model, np.array([ids]), max_new_tokens, chooser, run.seq_len, EOS_ID
+                run.model, np.array([ids]), max_new_tokens, chooser, run.seq_len, eos
             )[0]
-            new = new[: int(np.argmax(new == EOS_ID))] if EOS_ID in new else new
+            new = new[: int(np.argmax(new == eos))] if eos in new else new
             outputs.append(run.tokenizer.detokenize(new.astype(np.int32)) if len(new) else "")
         return outputs
 
