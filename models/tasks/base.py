@@ -101,7 +101,7 @@ class Task:
     @property
     def special_ids(self) -> dict[str, int | None]:
         """pad/bos/eos ids of the prepared data's tokenizer (data/prepare.py `special_ids`)."""
-        meta = self.prepared.meta if self.prepared else {}
+        meta = getattr(self.prepared, "meta", None) or {}  # stand-ins in benchmarks have none
         return meta.get("special_ids", SENTENCEPIECE_IDS)
 
     @property
