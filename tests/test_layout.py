@@ -48,7 +48,7 @@ LAYERS = {
     "<top>": {"utils", "data", "models", "serving", "<top>"},
     "bench": {"utils", "data", "models", "serving", "<top>"},
     "examples": {"utils"},
-    "scripts": {"utils", "data"},
+    "scripts": {"utils", "data", "models"},  # experiments: they build presets, read data
 }
 
 
