@@ -132,6 +132,73 @@ def cpu() -> dict[str, Any]:
     return {"cpu": model, "cpu_flags": present, "cpu_kind": kind}
 
 
+def lscpu_cpu() -> dict[str, Any]:
+    """`cpu()`, plus `lscpu`'s model name when lscpu is there (what results are filed with)."""
+    import contextlib
+    import subprocess
+
+    found = cpu()
+    with contextlib.suppress(OSError, StopIteration):
+        listing = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        found["lscpu_model_name"] = next(
+            line.split(":", 1)[1].strip()
+            for line in listing.splitlines()
+            if line.startswith("Model name")
+        )
+    return found
+
+
+def result_header() -> dict[str, Any]:
+    """What every benchmark's result file starts with: the date, the CPU (`lscpu_cpu`), cores."""
+    return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        **lscpu_cpu(),
+        "cores": os.cpu_count(),
+    }
+
+
+def horovodrun_json(
+    module_args: list[str], np: int = 2, env: dict[str, str] | None = None, max_load: float = 0.0
+) -> dict[str, Any]:
+    """`horovodrun -np np python -m module_args --out F` on localhost; the JSON it wrote to F.
+
+    Waits (up to 10 minutes) for the 1-minute load average to fall below
+    `max_load` first (0: does not wait); the result gets `load_before`,
+    `load_after` and `launch_seconds`. A failed launch ends the benchmark
+    with the end of its stderr.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    deadline = time.monotonic() + 600
+    while max_load and os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    load = os.getloadavg()[0]
+    horovodrun = str(pathlib.Path(sys.executable).parent / "horovodrun")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        command = [horovodrun, "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
+        command += [sys.executable, "-m", *module_args, "--out", out]
+        started = time.perf_counter()
+        done = subprocess.run(
+            command,
+            cwd=pathlib.Path(__file__).resolve().parent.parent,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        result = json.loads(pathlib.Path(out).read_text())
+    return {
+        **result,
+        "launch_seconds": time.perf_counter() - started,
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+    }
+
+
 def machine() -> dict[str, Any]:
     import tensorflow as tf
 

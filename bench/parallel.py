@@ -45,18 +45,15 @@ Results: printed, and written to bench/results/<CPU kind>/parallel.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
-from bench.common import RESULTS, cpu, emit, median_time, table
+from bench.common import RESULTS, emit, horovodrun_json, median_time, result_header, table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The model whose memory is counted; the timed one has 2 of its blocks (2 cores).
@@ -290,69 +287,47 @@ def _ab(args: argparse.Namespace, world, task, full, iterator) -> None:
 
 def time_ab(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`--trials` launches of the in-process A/B of XLA segments at np=2, T=2."""
-    horovodrun = str(pathlib.Path(sys.executable).parent / "horovodrun")
     rows = []
     for trial in range(args.trials):
-        deadline = time.monotonic() + 600
-        while args.max_load and os.getloadavg()[0] >= args.max_load and time.monotonic() < deadline:
-            time.sleep(5)
-        load = os.getloadavg()[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "ab.json")
-            command = [
-                horovodrun, "-np", "2", "-H", "localhost:2", "--gloo",
-                sys.executable, "-m", "bench.parallel", "--worker", "2", "--ab",
-                "--warmup", str(args.warmup), "--steps", str(args.steps),
-                "--repeats", str(args.repeats), "--out", out,
-            ]  # fmt: skip
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(pathlib.Path(out).read_text())
-        rows.append(
-            {"trial": trial, **result, "load_before": load, "load_after": os.getloadavg()[0]}
-        )
+        worker = ["bench.parallel", "--worker", "2", "--ab", *_timing(args)]
+        rows.append({"trial": trial, **horovodrun_json(worker, max_load=args.max_load)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
 def time_layouts(args: argparse.Namespace) -> list[dict[str, Any]]:
     """ms/step at np=2 of each layout (`--layouts`), under each Horovod setting, interleaved."""
-    horovodrun = str(pathlib.Path(sys.executable).parent / "horovodrun")
     rows = []
     for env_name in args.envs.split(","):
         for trial in range(args.trials):
             for name in args.layouts.split(","):
-                rows.append(_launch(horovodrun, args, env_name, name, trial))
+                rows.append(_launch(args, env_name, name, trial))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
-def _launch(
-    horovodrun: str, args: argparse.Namespace, env_name: str, name: str, trial: int
-) -> dict[str, Any]:
+def _timing(args: argparse.Namespace) -> list[str]:
+    return [
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+    ]
+
+
+def _launch(args: argparse.Namespace, env_name: str, name: str, trial: int) -> dict[str, Any]:
     """One `horovodrun -np 2` launch timing layout `name`; its row."""
     tensor, xla = LAYOUTS[name]
-    deadline = time.monotonic() + 600
-    while args.max_load and os.getloadavg()[0] >= args.max_load and time.monotonic() < deadline:
-        time.sleep(5)
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "step.json")
-        command = [
-            horovodrun, "-np", "2", "-H", "localhost:2", "--gloo",
-            sys.executable, "-m", "bench.parallel", "--worker", str(tensor),
-            *(["--xla"] if xla else []),
-            "--warmup", str(args.warmup), "--steps", str(args.steps),
-            "--repeats", str(args.repeats), "--out", out,
-        ]  # fmt: skip
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **ENVS[env_name]}
-        started = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        result = json.loads(pathlib.Path(out).read_text())
+    worker = [
+        "bench.parallel",
+        "--worker",
+        str(tensor),
+        *(["--xla"] if xla else []),
+        *_timing(args),
+    ]
+    result = horovodrun_json(worker, env=ENVS[env_name], max_load=args.max_load)
     return {
         "np": 2,
         "layout": LAYOUT_NAMES[name],
@@ -363,11 +338,16 @@ def _launch(
         "trial": trial,
         "ms_per_step": result["ms_per_step"],
         "sequences_per_sec": STEP_BATCH * (2 // tensor) / result["ms_per_step"] * 1e3,
-        "trainable_params_per_rank": result["trainable_params_per_rank"],
-        "blocks_ms": result["blocks_ms"],
-        "launch_seconds": time.perf_counter() - started,
-        "load_before": load,
-        "load_after": os.getloadavg()[0],
+        **{
+            key: result[key]
+            for key in (
+                "trainable_params_per_rank",
+                "blocks_ms",
+                "launch_seconds",
+                "load_before",
+                "load_after",
+            )
+        },
     }
 
 
@@ -401,19 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker(args)
         return {}
-    machine = cpu()
-    with contextlib.suppress(OSError, StopIteration):
-        machine["lscpu_model_name"] = next(
-            line.split(":", 1)[1].strip()
-            for line in subprocess.run(
-                ["lscpu"], capture_output=True, text=True
-            ).stdout.splitlines()
-            if line.startswith("Model name")
-        )
+    header = result_header()
     result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        **machine,
-        "cores": os.cpu_count(),
+        **header,
         "wide_model": {**WIDE, "vocab": VOCAB},
         "step_model": {
             **WIDE,
@@ -440,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["load_average_after"] = os.getloadavg()
         columns = ["np", "layout", "horovod", "trials", "ms_per_step", "trials_ms"]
         print(table(result["step_summary"], [*columns, "sequences_per_sec", "max_load_before"]))
-    out = pathlib.Path(args.out) if args.out else RESULTS / machine["cpu_kind"] / "parallel.json"
+    out = pathlib.Path(args.out) if args.out else RESULTS / header["cpu_kind"] / "parallel.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

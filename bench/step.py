@@ -104,6 +104,7 @@ def setup(args: argparse.Namespace, world):
             logs = model.train_function(iterator)
         float(logs["loss"])  # wait for the step to finish
 
+    step.iterator = iterator  # the batches, for benchmarks that time other train functions
     return model, model_cfg, batch, step
 
 

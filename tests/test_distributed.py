@@ -123,8 +123,20 @@ def test_without_averaging_ranks_diverge(world):
     assert any(not np.allclose(a, b) for a, b in zip(finals[0], finals[1], strict=True))
 
 
-def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world):
-    """Rank r fed rows [rB, (r+1)B) of a 2B batch gives the weights of one process fed all 2B."""
+def _allreduce_each(dist, grads):
+    return distributed.allreduce_each(grads, dist._hvd_compression)
+
+
+@pytest.mark.parametrize("reduce", ["grouped", "each"])
+def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world, reduce):
+    """Rank r fed rows [rB, (r+1)B) of a 2B batch gives the weights of one process fed all 2B.
+
+    `each`: the train function bench/overlap.py measures (one allreduce per
+    gradient, the forward/backward outside XLA) keeps the same promise.
+    """
+    from utils.distributed.averaged_update import find_distributed
+    from utils.distributed.train_function import make_averaged_function
+
     cfg = PLAIN_SGD
     model_cfg = ModelConfig(**{**MODEL.__dict__, "dropout": 0.0})
     keras.utils.set_random_seed(7)
@@ -132,6 +144,9 @@ def test_np2_with_half_batches_equals_np1_with_the_whole_batch(world):
     distributed.broadcast_variables(reference.trainable_variables)
     replica = _compiled(cfg, cfg.lr, model_cfg)
     replica.set_weights(reference.get_weights())
+    if reduce == "each":
+        dist = find_distributed(replica.optimizer)
+        replica.train_function = make_averaged_function(replica, dist, False, _allreduce_each)
     rng = np.random.default_rng(3)
     total_rows = 8
     rows = total_rows // world.size

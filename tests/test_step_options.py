@@ -1,7 +1,8 @@
 """The training-step options keep their promises (single process, through model.fit's train function).
 
 - gradient accumulation: k batches of B give the update of one batch of k x B;
-- the XLA-compiled step gives the update of the plain one;
+- the XLA-compiled step gives the update of the plain one, and so do blocks cut into
+  XLA segments (bench/overlap.py);
 - mixed bfloat16 trains with float32 variables and a float32 loss.
 
 fp16 gradient compression needs two ranks: see test_distributed.py.
@@ -116,6 +117,22 @@ def test_the_xla_step_gives_the_update_of_the_plain_step():
     compiled.set_weights(plain.get_weights())
     batches = _keras_batches(task, _batch(8, seed=1), 1)
     assert _max_relative_gap(_update(compiled, batches), _update(plain, batches)) < TOLERANCE
+
+
+def test_blocks_as_xla_segments_give_the_update_of_the_plain_step():
+    """bench/overlap.py's cut: each block's forward and backward its own XLA computation."""
+    from bench.overlap import segment_blocks
+
+    task, plain = _model(xla=False)
+    _, segmented = _model(xla=False)
+    segmented.set_weights(plain.get_weights())
+    assert segment_blocks(segmented, [True]) == MODEL.n_layers
+    batches = _keras_batches(task, _batch(8, seed=2), 1)
+    assert _max_relative_gap(_update(segmented, batches), _update(plain, batches)) < TOLERANCE
+    blocks = [layer for layer in segmented._flatten_layers() if "call" in vars(layer)]
+    compiled = [block.call.__kwdefaults__["_compiled"] for block in blocks]
+    assert len(compiled) == MODEL.n_layers
+    assert all(f.experimental_get_tracing_count() > 0 for f in compiled)  # the segments ran
 
 
 def test_mixed_bfloat16_trains_with_float32_variables():

@@ -301,6 +301,29 @@ def allreduce_gradients(
     return grads
 
 
+def allreduce_each(grads: Sequence, compression: Any = "none") -> list:
+    """Average gradients across ranks with one allreduce per tensor, not one group.
+
+    A grouped allreduce starts when its last tensor is ready; separate ones
+    let Horovod send each gradient as soon as the backward pass has made it
+    (and fuse whatever is ready in one cycle), so that the communication can
+    overlap the rest of the backward pass when that pass is not one XLA
+    computation. Used by `python -m bench.overlap`, which measures that
+    overlap against `allreduce_gradients`. At world size 1 it is skipped.
+    """
+    grads = list(grads)
+    if not _active():
+        return grads
+    import tensorflow as tf
+
+    return [
+        None
+        if g is None
+        else hvd.allreduce(tf.convert_to_tensor(g), op=hvd.Average, compression=_codec(compression))
+        for g in grads
+    ]
+
+
 def allreduce(value: Any, average: bool = True, name: str | None = None) -> Any:
     """The mean (or with `average=False` the sum) of `value` over ranks.
 

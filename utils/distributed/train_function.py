@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -79,31 +80,49 @@ def make_train_function(model: keras.Model, force: bool = False):
         model.train_function = model._make_function(functools.partial(_fused_step, model, dist))
         model.train_function.parts = {}
         return model.train_function
-    jit = model.jit_compile
+    model.train_function = make_averaged_function(model, dist, model.jit_compile)
+    return model.train_function
+
+
+def make_averaged_function(
+    model: keras.Model,
+    dist,
+    forward_xla: bool,
+    reduce: Callable[[Any, list], list] = average,
+):
+    """The train function of several ranks: forward/backward, `reduce`, update.
+
+    `forward_xla` compiles the forward/backward part as one XLA computation
+    (the update follows `model.jit_compile`); `reduce(dist, grads)` averages
+    the gradients between the two (one grouped allreduce by default).
+    `python -m bench.overlap` builds it with the forward/backward outside XLA
+    and one allreduce per gradient, to measure overlapping the allreduce with
+    the backward pass.
+    """
     forward_backward = tf.function(
-        functools.partial(_forward_backward, model, dist), jit_compile=jit, reduce_retracing=True
+        functools.partial(_forward_backward, model, dist),
+        jit_compile=forward_xla,
+        reduce_retracing=True,
     )
     update = tf.function(
-        functools.partial(_update, model, dist), jit_compile=jit, reduce_retracing=True
+        functools.partial(_update, model, dist),
+        jit_compile=model.jit_compile,
+        reduce_retracing=True,
     )
 
     def step(data):
         grads, update_now, logs, snapshot = forward_backward(data)
         if dist._hvd_passes == 1:
             update_now = True  # every pass updates: no branch around the allreduce
-        grads = if_update(update_now, lambda: average(dist, grads), grads)
+        grads = if_update(update_now, lambda: reduce(dist, grads), grads)
         update(grads, update_now, snapshot)
         return logs
 
     with _outer_without_xla(model):
-        model.train_function = model._make_function(step)
+        function = model._make_function(step)
     # For inspection (the tests check what XLA compiles and where the allreduce is).
-    model.train_function.parts = {
-        "forward_backward": forward_backward,
-        "update": update,
-        "step": step,
-    }
-    return model.train_function
+    function.parts = {"forward_backward": forward_backward, "update": update, "step": step}
+    return function
 
 
 def _forward_backward(model: keras.Model, dist, data):
