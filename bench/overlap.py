@@ -3,6 +3,7 @@
     python -m bench.overlap                        # 3 launches of horovodrun -np 2, ~4 minutes
     python -m bench.overlap --trials 1 --repeats 4 # one launch
     python -m bench.overlap --model small
+    python -m bench.overlap --model small --dropout 0
 
 The project's step compiles the whole forward and backward pass into one
 XLA computation, so every gradient is ready at the same moment and one
@@ -53,6 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.overlap", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--model", choices=("reference", "small"), default="reference")
+    p.add_argument("--dropout", default="", help="dropout rate (default: the model's)")
     p.add_argument("--warmup", type=int, default=10, help="steps of each variant before timing")
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=6, help="timed blocks of each variant")
@@ -100,7 +102,10 @@ def worker(args: argparse.Namespace) -> None:
     world = distributed.init(threads=1)
     if world.size < 2:
         raise SystemExit("bench.overlap --worker runs under horovodrun -np 2 or more")
-    model, _, _, step = setup(step_parse(["--model", args.model, "--threads", "1"]), world)
+    dropout = ["--dropout", args.dropout] if args.dropout else []
+    model, _, _, step = setup(
+        step_parse(["--model", args.model, "--threads", "1", *dropout]), world
+    )
     dist = find_distributed(model.optimizer)
     segmented = [False]
     blocks = segment_blocks(model, segmented)
@@ -151,6 +156,7 @@ def launch(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for trial in range(args.trials):
         worker = ["bench.overlap", "--worker", "--model", args.model]
+        worker += ["--dropout", args.dropout] if args.dropout else []
         worker += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
         rows.append({"trial": trial, **horovodrun_json([*worker, "--repeats", str(args.repeats)])})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "blocks_ms"}), flush=True)
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         **header,
         "model": args.model,
+        "dropout": args.dropout or "the model's",
         "np": 2,
         "threads_per_rank": 1,
         "command": "python -m bench.overlap " + " ".join(argv or sys.argv[1:]),

@@ -14,6 +14,7 @@ threads, for MFU. Prints one JSON line; writes it to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -44,6 +45,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"))
     p.add_argument("--no-horovod", action="store_true", help="run without Horovod at all")
+    p.add_argument(
+        "--dropout", type=float, default=None, help="dropout rate (default: the model's)"
+    )
     timing_arguments(p)
     p.add_argument("--peak", type=int, default=1, help="also measure the matmul peak")
     return p.parse_args(argv)
@@ -80,6 +84,8 @@ def setup(args: argparse.Namespace, world):
     if args.precision != "float32":
         keras.mixed_precision.set_global_policy(args.precision)
     model_cfg, batch, tokens, vocab = model_and_data(args.model, args.batch)
+    if args.dropout is not None:
+        model_cfg = dataclasses.replace(model_cfg, dropout=args.dropout)
     train_cfg = TrainConfig(
         batch_size=batch,
         xla=bool(args.xla),
