@@ -4,6 +4,7 @@
     python -m bench.overlap --trials 1 --repeats 4 # one launch
     python -m bench.overlap --model small
     python -m bench.overlap --model small --dropout 0
+    python -m bench.overlap --variants one,local,sync   # where np=2 loses time
 
 The project's step compiles the whole forward and backward pass into one
 XLA computation, so every gradient is ready at the same moment and one
@@ -26,10 +27,20 @@ rank as in the scaling suite), each built by
   Horovod sends what is ready every cycle while the earlier blocks'
   backward runs.
 
-All three run in the same two processes on the same weights, timed in
-rotating blocks (A B C, B C A, C A B, ...), so that other work on the
-machine slows them alike. Per launch: each one's median ms/step and the
-medians of the per-round ratios against `one`; `--trials` launches.
+Two more (`--variants one,local,sync`) tell where np=2 loses time against
+two processes that do not communicate, both with the project's XLA step cut
+where the allreduce goes:
+
+- `local`: no communication at all (the ranks drift apart; only the time
+  counts): the price of cutting the step in three;
+- `sync`: the ranks meet once after the backward pass (an allreduce of one
+  number that depends on every gradient) and average nothing: the price
+  of waiting for the slower rank.
+
+They run in the same two processes on the same weights, timed in rotating
+blocks (A B C, B C A, C A B, ...), so that other work on the machine slows
+them alike. Per launch: each one's median ms/step and the medians of the
+per-round ratios against `one`; `--trials` launches.
 Results: printed, and written to bench/results/<CPU kind>/overlap.json.
 """
 
@@ -46,7 +57,9 @@ from typing import Any
 from bench.common import RESULTS, emit, horovodrun_json, median_time, result_header
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-VARIANTS = ("one", "segments", "overlap")
+VARIANTS = ("one", "segments", "overlap", "local", "sync")
+DEFAULT_VARIANTS = "one,segments,overlap"
+SEGMENTED = ("segments", "overlap")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +72,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=6, help="timed blocks of each variant")
     p.add_argument("--trials", type=int, default=3, help="launches of horovodrun -np 2")
+    p.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"train functions to time, 'one' first: {','.join(VARIANTS)}",
+    )
     p.add_argument("--out", default="", help="the JSON result (default: bench/results/<kind>/)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # under horovodrun
     return p.parse_args(argv)
@@ -91,8 +109,26 @@ def segment_blocks(model, segmented: list[bool]) -> int:
     return len(blocks)
 
 
+def _variants(args: argparse.Namespace) -> list[str]:
+    names = args.variants.split(",")
+    if names[0] != "one" or not set(names) <= set(VARIANTS) or len(set(names)) < len(names):
+        raise SystemExit(f"--variants: 'one' first, then some of {', '.join(VARIANTS[1:])}")
+    return names
+
+
+def _sync_only(dist, grads: list) -> list:
+    """The ranks meet once after the backward pass (one scalar allreduce), averaging nothing."""
+    import tensorflow as tf
+
+    from utils import distributed
+
+    ready = tf.add_n([tf.reshape(g, [-1])[0] for g in grads if g is not None])
+    met = distributed.allreduce(ready * 0.0)
+    return [None if g is None else g + met for g in grads]
+
+
 def worker(args: argparse.Namespace) -> None:
-    """Under horovodrun: the three train functions in rotating blocks; rank 0 writes JSON."""
+    """Under horovodrun: the train functions in rotating blocks; rank 0 writes JSON."""
     from bench.step import parse as step_parse
     from bench.step import setup
     from utils import distributed
@@ -109,28 +145,36 @@ def worker(args: argparse.Namespace) -> None:
     dist = find_distributed(model.optimizer)
     segmented = [False]
     blocks = segment_blocks(model, segmented)
-    functions = {"one": model.train_function}
-    functions["segments"] = make_averaged_function(model, dist, forward_xla=False, reduce=average)
-    functions["overlap"] = make_averaged_function(
-        model,
-        dist,
-        forward_xla=False,
-        reduce=lambda d, grads: distributed.allreduce_each(grads, d._hvd_compression),
-    )
+    reductions = {
+        "segments": average,
+        "overlap": lambda d, grads: distributed.allreduce_each(grads, d._hvd_compression),
+        "local": lambda d, grads: grads,
+        "sync": _sync_only,
+    }
+    variants = _variants(args)
+    functions = {
+        name: model.train_function
+        if name == "one"
+        else make_averaged_function(
+            model, dist, forward_xla=name not in SEGMENTED, reduce=reductions[name]
+        )
+        for name in variants
+    }
     iterator = step.iterator
     steps = {name: (lambda f=f: float(f(iterator)["loss"])) for name, f in functions.items()}
     first = {}
-    for name in VARIANTS:  # the first call traces (and compiles) each
-        segmented[0] = name != "one"
+    for name in variants:  # the first call traces (and compiles) each
+        segmented[0] = name in SEGMENTED
         started = time.perf_counter()
         steps[name]()
         first[name] = time.perf_counter() - started
     for _ in range(args.warmup):
-        for name in VARIANTS:
+        for name in variants:
             steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.repeats):
-        for name in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
+        turn = r % len(variants)
+        for name in variants[turn:] + variants[:turn]:
             times[name] += median_time(steps[name], 0, args.steps, 1)[1]
     if world.is_chief:
         emit(
@@ -141,7 +185,7 @@ def worker(args: argparse.Namespace) -> None:
                     f"ratio_{n}": statistics.median(
                         b / a for a, b in zip(times["one"], times[n], strict=True)
                     )
-                    for n in VARIANTS[1:]
+                    for n in variants[1:]
                 },
                 "first_call_s": first,
                 "blocks_ms": {n: [b * 1e3 for b in t] for n, t in times.items()},
@@ -157,6 +201,7 @@ def launch(args: argparse.Namespace) -> list[dict[str, Any]]:
     for trial in range(args.trials):
         worker = ["bench.overlap", "--worker", "--model", args.model]
         worker += ["--dropout", args.dropout] if args.dropout else []
+        worker += ["--variants", args.variants]
         worker += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
         rows.append({"trial": trial, **horovodrun_json([*worker, "--repeats", str(args.repeats)])})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "blocks_ms"}), flush=True)
@@ -168,9 +213,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         worker(args)
         return {}
+    variants = _variants(args)
     header = result_header()
     rows = launch(args)
-    keys = [f"ms_per_step_{n}" for n in VARIANTS] + [f"ratio_{n}" for n in VARIANTS[1:]]
+    keys = [f"ms_per_step_{n}" for n in variants] + [f"ratio_{n}" for n in variants[1:]]
     result = {
         **header,
         "model": args.model,
