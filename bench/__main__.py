@@ -14,7 +14,8 @@ CPU kind (bench/results/avx2, avx512-bf16, ...): the verdicts differ between the
   one process on all cores, after warm-up, median of repeated blocks; MFU;
 - keras: the project's train function against a stock Keras
   `model.fit(jit_compile=True)` of the same model (bench/keras_fit.py);
-- torch: the same reference config in PyTorch (nanoGPT's model and loop);
+- torch: the same reference config and `small` preset in PyTorch (nanoGPT's
+  model and loop, eager and `torch.compile` + fused AdamW);
 - overhead: horovodrun -np 1 against one process without Horovod;
 - scaling: np=2 x 1 thread against np=1 x 1 thread, and against one
   process on both cores;

@@ -51,6 +51,29 @@ def char_tokens(max_chars: int = 2_000_000) -> np.ndarray:
     return codes.astype(np.uint16)
 
 
+def model_and_data(name: str, batch: int):
+    """(ModelConfig, per-rank batch, token array, vocabulary size) for a benchmark model.
+
+    `reference` is the character-level config above; `tiny` and `small` are the presets, on
+    the built-in corpus prepared as `main.py` prepares it (no TensorFlow imported: the
+    PyTorch reference uses it too).
+    """
+    from utils.config import ModelConfig, resolve
+
+    if name == "reference":
+        return ModelConfig(**REFERENCE), batch or REFERENCE_BATCH, char_tokens(), CHAR_VOCAB
+    from data.prepare import prepare
+
+    config = resolve(name, None, {})
+    prepared = prepare(config.data, progress=False, log=lambda *_: None)
+    return (
+        config.model,
+        batch or config.train.batch_size,
+        prepared.tokens("train"),
+        prepared.vocab_size,
+    )
+
+
 def flops_per_token(params: int, n_layers: int, d_model: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 x parameters plus the attention term 12 x layers x width x context."""
     return 6.0 * params + 12.0 * n_layers * d_model * seq_len

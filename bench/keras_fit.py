@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from bench.step import model_and_data
+    from bench.common import model_and_data
     from models.tasks import CausalLM
     from models.transformer import build_causal_lm, count_params
     from train import build_optimizer

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.common import timing_arguments
-from bench.step import model_and_data
+from bench.common import model_and_data, timing_arguments
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,14 +19,11 @@ import os
 import sys
 
 from bench.common import (
-    CHAR_VOCAB,
-    REFERENCE,
-    REFERENCE_BATCH,
-    char_tokens,
     emit,
     flops_per_token,
     matmul_peaks,
     median_time,
+    model_and_data,
     timing_arguments,
 )
 
@@ -51,24 +48,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     timing_arguments(p)
     p.add_argument("--peak", type=int, default=1, help="also measure the matmul peak")
     return p.parse_args(argv)
-
-
-def model_and_data(name: str, batch: int):
-    """(ModelConfig, per-rank batch, token array, vocabulary size) for a benchmark model."""
-    from utils.config import ModelConfig, resolve
-
-    if name == "reference":
-        return ModelConfig(**REFERENCE), batch or REFERENCE_BATCH, char_tokens(), CHAR_VOCAB
-    from data.prepare import prepare
-
-    config = resolve(name, None, {})
-    prepared = prepare(config.data, progress=False, log=lambda *_: None)
-    return (
-        config.model,
-        batch or config.train.batch_size,
-        prepared.tokens("train"),
-        prepared.vocab_size,
-    )
 
 
 def setup(args: argparse.Namespace, world):

@@ -2,6 +2,7 @@
 
     python -m bench.torch_gpt --threads 2 --out result.json            # eager
     python -m bench.torch_gpt --threads 2 --compile --out result.json  # nanoGPT's defaults
+    python -m bench.torch_gpt --model small --compile                   # the default job's model
 
 `--compile` is what nanoGPT's train.py does by default: `torch.compile(model)`
 and `AdamW(fused=True)`; it is the peer the project is measured against.
@@ -11,7 +12,10 @@ heads, width 128, FFN 512, block 64, batch 12, 96 characters), same data
 (the built-in corpus as characters), AdamW with global-norm clipping, as in
 nanoGPT's train.py (model.py's GPT: pre-norm blocks, causal
 scaled_dot_product_attention, GELU MLP, learned positions, tied output
-embedding). Needs `pip install torch==2.13.0` (the `bench` extra).
+embedding). `--model small` is the `small` preset (the default job's model:
+vocabulary 4,000, batch 8, its dropout), on the same token ids as
+`python -m bench.step --model small`. Needs `pip install torch==2.13.0` (the
+`bench` extra).
 """
 
 from __future__ import annotations
@@ -20,20 +24,23 @@ import argparse
 import math
 import sys
 
-from bench.common import (
-    CHAR_VOCAB,
-    REFERENCE,
-    REFERENCE_BATCH,
-    char_tokens,
-    emit,
-    flops_per_token,
-    median_time,
-    timing_arguments,
-)
+from bench.common import emit, flops_per_token, median_time, model_and_data, timing_arguments
 
 
-def build_gpt(vocab: int, n_layers: int, n_heads: int, d_model: int, d_ff: int, seq_len: int):
-    """nanoGPT's GPT (model.py), trimmed to what training uses; bias=True, dropout 0."""
+def build_gpt(
+    vocab: int,
+    n_layers: int,
+    n_heads: int,
+    d_model: int,
+    d_ff: int,
+    seq_len: int,
+    dropout: float = 0.0,
+):
+    """nanoGPT's GPT (model.py), trimmed to what training uses; bias=True.
+
+    `dropout` sits where nanoGPT puts it (and Keras's model too): after the embeddings, on
+    the attention weights, after the attention projection and after the MLP.
+    """
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -43,20 +50,25 @@ def build_gpt(vocab: int, n_layers: int, n_heads: int, d_model: int, d_ff: int, 
             super().__init__()
             self.c_attn = nn.Linear(d_model, 3 * d_model)
             self.c_proj = nn.Linear(d_model, d_model)
+            self.resid_dropout = nn.Dropout(dropout)
 
         def forward(self, x):
             B, T, C = x.size()
             q, k, v = self.c_attn(x).split(d_model, dim=2)
             q, k, v = (t.view(B, T, n_heads, C // n_heads).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout if self.training else 0.0, is_causal=True
+            )
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.ln_1, self.ln_2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
             self.attn = CausalSelfAttention()
-            self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+            self.mlp = nn.Sequential(
+                nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+            )
 
         def forward(self, x):
             x = x + self.attn(self.ln_1(x))
@@ -67,6 +79,7 @@ def build_gpt(vocab: int, n_layers: int, n_heads: int, d_model: int, d_ff: int, 
             super().__init__()
             self.wte = nn.Embedding(vocab, d_model)
             self.wpe = nn.Embedding(seq_len, d_model)
+            self.drop = nn.Dropout(dropout)
             self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
             self.ln_f = nn.LayerNorm(d_model)
             self.lm_head = nn.Linear(d_model, vocab, bias=False)
@@ -78,7 +91,7 @@ def build_gpt(vocab: int, n_layers: int, n_heads: int, d_model: int, d_ff: int, 
 
         def forward(self, idx, targets):
             pos = torch.arange(idx.size(1), device=idx.device)
-            x = self.wte(idx) + self.wpe(pos)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
             for block in self.blocks:
                 x = block(x)
             logits = self.lm_head(self.ln_f(x))
@@ -92,7 +105,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.torch_gpt", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--batch", type=int, default=REFERENCE_BATCH)
+    p.add_argument("--model", choices=("reference", "small"), default="reference")
+    p.add_argument("--batch", type=int, default=0, help="batch (default: the model's)")
+    p.add_argument(
+        "--dropout", type=float, default=None, help="dropout rate (default: the model's)"
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -112,8 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    shape = {k: REFERENCE[k] for k in ("n_layers", "n_heads", "d_model", "d_ff", "seq_len")}
-    model = build_gpt(CHAR_VOCAB, **shape)
+    model_cfg, batch, tokens, vocab = model_and_data(args.model, args.batch)
+    dropout = model_cfg.dropout if args.dropout is None else args.dropout
+    shape = {
+        k: getattr(model_cfg, k) for k in ("n_layers", "n_heads", "d_model", "d_ff", "seq_len")
+    }
+    model = build_gpt(vocab, **shape, dropout=dropout)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -124,11 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.compile:
         model = torch.compile(model)
-    data = torch.from_numpy(char_tokens().astype(np.int64))
+    data = torch.from_numpy(tokens.astype(np.int64))
     block, generator = shape["seq_len"], torch.Generator().manual_seed(0)
 
     def get_batch():  # nanoGPT's get_batch: random windows
-        ix = torch.randint(len(data) - block - 1, (args.batch,), generator=generator)
+        ix = torch.randint(len(data) - block - 1, (batch,), generator=generator)
         x = torch.stack([data[i : i + block] for i in ix])
         y = torch.stack([data[i + 1 : i + 1 + block] for i in ix])
         return x, y
@@ -149,14 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "framework": f"pytorch {torch.__version__} "
         + ("torch.compile, fused AdamW" if args.compile else "eager"),
-        "model": "reference",
+        "model": args.model,
         "threads": threads,
-        "batch_per_rank": args.batch,
+        "batch_per_rank": batch,
+        "dropout": dropout,
         "seq_len": block,
         "parameters": params,
         "ms_per_step": seconds * 1e3,
         "blocks_ms": [b * 1e3 for b in blocks],
-        "tokens_per_sec": args.batch * block / seconds,
+        "tokens_per_sec": batch * block / seconds,
         "flops_per_token": flops_per_token(params, shape["n_layers"], shape["d_model"], block),
     }
     emit(result, args.out)

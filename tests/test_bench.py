@@ -57,16 +57,65 @@ def test_every_suite_runs_and_reports(quick_bench):
     assert 0 < throughput["rows"][0]["mfu"] < 1.5
 
 
-@pytest.mark.skipif(
+requires_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
     reason="PyTorch is not installed: the PyTorch rows need the bench extra "
     "(EXTRAS=dev,horovod,bench bash scripts/setup.sh)",
 )
+
+
+@requires_torch
 def test_the_pytorch_reference_is_the_same_model(quick_bench):
     torch = json.loads((quick_bench / "torch.json").read_text())
     assert len(torch["rows"]) == 4  # Keras float32 and bfloat16, torch eager and compiled
     assert "torch.compile" in torch["rows"][3]["framework"]
     assert {row["parameters"] for row in torch["rows"]} == {torch["rows"][0]["parameters"]}
+
+
+# In a child process: PyTorch and TensorFlow are not loaded into one process.
+TORCH_SMALL = """
+import json, sys, torch
+from bench.torch_gpt import build_gpt
+shape = json.loads(sys.argv[1])
+x = torch.randint(0, 4000, (2, shape["seq_len"]), generator=torch.Generator().manual_seed(0))
+out = {}
+for dropout in (0.0, 0.1):
+    torch.manual_seed(0)
+    gpt = build_gpt(4000, **shape, dropout=dropout)
+    out["parameters"] = sum(p.numel() for p in gpt.parameters())
+    gpt.train()
+    out[f"train_{dropout}"] = [gpt(x, x).item() for _ in range(2)]
+    gpt.eval()
+    out[f"eval_{dropout}"] = [gpt(x, x).item() for _ in range(2)]
+print(json.dumps(out))
+"""
+
+
+@requires_torch
+def test_the_pytorch_small_model_is_the_default_jobs_model():
+    """`bench.torch_gpt --model small` builds the `small` preset's model (same parameter count
+    as Keras's) with dropout where it acts in training only."""
+    from models.transformer import build_causal_lm, count_params
+    from utils.config import resolve
+
+    model_cfg = resolve("small", None, {}).model
+    shape = {
+        k: getattr(model_cfg, k) for k in ("n_layers", "n_heads", "d_model", "d_ff", "seq_len")
+    }
+    result = subprocess.run(
+        [PYTHON, "-c", TORCH_SMALL, json.dumps(shape)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **CHILD_ENV},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["parameters"] == count_params(build_causal_lm(model_cfg, 4000))
+    assert out["train_0.0"][0] == out["train_0.0"][1]  # no dropout: deterministic
+    assert out["train_0.1"][0] != out["train_0.1"][1]  # dropout draws new masks each call
+    assert out["eval_0.1"][0] == out["eval_0.1"][1]  # and is off in evaluation
 
 
 def test_profile_reads_the_kernels_from_the_trace():

@@ -8,13 +8,15 @@ from utils.config import DEFAULT_PRESET, PRESETS, SECTIONS, Config, resolve
 from utils.errors import UserError
 
 # What --task mlm and --task classify change from the dataclass defaults.
-MLM = {"task": "mlm", "train.batch_size": 16}
+MLM = {"task": "mlm", "model.dropout": 0.1, "train.batch_size": 16, "train.min_lr_ratio": 0.1}
 CLASSIFY = {
     "task": "classify",
     "data.val_fraction": 0.15,
     "data.test_fraction": 0.15,
+    "model.dropout": 0.1,
     "train.batch_size": 16,
     "train.epochs": 20,
+    "train.min_lr_ratio": 0.1,
     "train.early_stopping_patience": 4,
     "train.checkpoint_every": 0,
 }
@@ -37,13 +39,14 @@ def test_task_defaults_come_before_the_preset():
     assert changed(resolve(DEFAULT_PRESET, None, {})) == {}
     assert changed(resolve(DEFAULT_PRESET, None, {}, task="mlm")) == MLM
     assert changed(resolve(DEFAULT_PRESET, None, {}, task="classify")) == CLASSIFY
-    # The tiny preset sets batch_size, epochs (4, the dataclass default) and checkpoint_every
-    # too: its values win. The held-out shares and early stopping stay classify's.
+    # The tiny preset sets batch_size, epochs, dropout and checkpoint_every too: its values
+    # win. The held-out shares, early stopping and learning-rate decay stay classify's.
     assert changed(resolve("tiny", None, {}, task="classify")) == {
         **changed(resolve("tiny", None, {})),
         "task": "classify",
         "data.val_fraction": 0.15,
         "data.test_fraction": 0.15,
+        "train.min_lr_ratio": 0.1,
         "train.early_stopping_patience": 4,
     }
 
