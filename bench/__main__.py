@@ -1,6 +1,6 @@
 """The benchmark suite: every measurement behind docs/benchmarks.md.
 
-    python -m bench                         # all suites (about 20 minutes on 2 cores)
+    python -m bench                         # all suites (most of an hour on 2 cores)
     python -m bench --suite scaling options # some of them
     python -m bench --quick                 # a smoke run (the tests use it)
 
@@ -22,6 +22,11 @@ CPU kind (bench/results/avx2, avx512-bf16, ...): the verdicts differ between the
 - pipeline: what data/load.py delivers alone, against what training takes;
 - options: fp16 compression, gradient accumulation, Horovod fusion
   threshold and cycle time, XLA, mixed bfloat16, at np=2 (and np=1).
+
+Measurements outside the suites, run by hand (each module's docstring has
+its command): bench.overlap (allreduce overlap, np=2 losses), bench.profile
+(kernel times), bench.horovod_idle (what idle ranks cost per cycle time),
+bench.parallel, bench.serving.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import CHILD_ENV, PYTHON, ROOT, requires_horovod
+from tests.conftest import CHILD_ENV, PYTHON, ROOT, horovodrun, requires_horovod
 
 pytestmark = [requires_horovod, pytest.mark.slow]
 
@@ -126,3 +126,26 @@ def test_profile_reads_the_kernels_from_the_trace():
     dot = next(line for line in lines if line.strip().endswith(" dot"))
     assert float(dot.split()[0]) > 0  # the matrix products were found in the trace, with a time
     assert any("costliest kernels" in line for line in lines)
+
+
+def test_idle_ranks_get_the_cpu_cycle_time_even_when_it_is_set_empty(tmp_path):
+    # Horovod reads HOROVOD_CYCLE_TIME="" as 0 ms, a busy loop; init must treat it as unset.
+    out = tmp_path / "idle.json"
+    result = horovodrun(
+        2,
+        PYTHON,
+        "-m",
+        "bench.horovod_idle",
+        "--seconds",
+        "1",
+        "--out",
+        str(out),
+        cwd=ROOT,
+        timeout=300,
+        env={"HOROVOD_CYCLE_TIME": ""},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    idle = json.loads(out.read_text())
+    assert (idle["world_size"], idle["cycle_time_ms"]) == (2, "5")
+    assert len(idle["cpu_per_second_each_rank"]) == 2
+    assert all(len(w) == 2 for w in idle["wakeups_per_second_each_rank"])

@@ -118,16 +118,13 @@ def init(
     tf = import_tensorflow()
     use_horovod = horovod_available() if use_horovod is None else use_horovod
     if use_horovod:
-        if os.environ.get("HOROVOD_SIZE") == "1" and not elastic:
-            # One rank never calls a collective here (they are all skipped at size 1),
-            # but Horovod's background thread still wakes every cycle (1 ms by default)
-            # and steals time from TensorFlow's threads: let it sleep.
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "100")
-        elif not tf.config.list_physical_devices("GPU"):
-            # Ranks sharing CPU cores: a 5 ms cycle (Horovod's default is 1 ms) leaves the
-            # cores to TensorFlow between negotiations; measured 3-10% off the step at
-            # np=2 and np=4 on 2 cores, same numbers (docs/performance.md). Set it to override.
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
+        if not os.environ.get("HOROVOD_CYCLE_TIME"):
+            # Unset, or set empty, which Horovod reads as 0 ms: a busy loop that costs a
+            # quarter to half of a core per idle rank (`python -m bench.horovod_idle`).
+            os.environ["HOROVOD_CYCLE_TIME"] = _default_cycle_time(
+                os.environ.get("HOROVOD_SIZE", "1") == "1" and not elastic,
+                bool(tf.config.list_physical_devices("GPU")),
+            )
         with quiet_native_logs():
             import horovod.tensorflow
 
@@ -168,6 +165,25 @@ def init(
         tf.config.set_visible_devices(gpu, "GPU")
     _world = dataclasses.replace(world, intra_op_threads=intra)
     return _world
+
+
+def _default_cycle_time(one_rank: bool, gpu: bool) -> str:
+    """HOROVOD_CYCLE_TIME (ms) when the environment does not set it.
+
+    Horovod's background thread meets the other ranks every cycle, with or
+    without tensors to reduce: at np=4 on 2 cores an idle rank costs 9-20% of
+    a core at 1 ms (Horovod's default), 2-5% at 5 ms, 0.3% at 100 ms
+    (`python -m bench.horovod_idle`, docs/performance.md).
+    """
+    if one_rank:
+        # One rank never calls a collective here (they are all skipped at size 1):
+        # let the thread sleep.
+        return "100"
+    if not gpu:
+        # Ranks sharing CPU cores: 5 ms leaves the cores to TensorFlow between meetings;
+        # measured 3-10% off the step at np=2 and np=4 on 2 cores (docs/performance.md).
+        return "5"
+    return "1"  # Horovod's own default, for GPU hosts
 
 
 def world() -> World:
