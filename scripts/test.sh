@@ -11,4 +11,4 @@ echo "[test] ruff" >&2
 .venv/bin/ruff check .
 echo "[test] pytest" >&2
 # pytest's exit code 5 (no tests collected) fails this script like any other failure.
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=20 "$@"
