@@ -59,6 +59,7 @@ from utils.callbacks import (
     AtomicModelCheckpoint,
     GatheredModelCheckpoint,
     NonFiniteGuard,
+    ProgbarLogger,
     Progress,
     TrainingProgress,
 )
@@ -224,7 +225,7 @@ def fit(
         *([distributed.callbacks.BroadcastGlobalVariablesCallback(0)] if sharded is None else []),
         distributed.callbacks.MetricAverageCallback(),
         # Rank 0's progress bar, here: it shows the exact metrics, not the figures added next.
-        *([keras.callbacks.ProgbarLogger()] if verbose else []),
+        *([ProgbarLogger()] if verbose else []),
         NonFiniteGuard(t.on_nonfinite, progress, last_checkpoint),
         tracker,
         *([early_stopping] if early_stopping else []),

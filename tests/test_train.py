@@ -69,7 +69,12 @@ def test_early_stopping_when_validation_stalls():
     assert tracker.progress.stopped_early and [e for e, _, _ in seen.rows] == [0, 1, 2]
 
 
-def test_max_steps_stops_mid_epoch_and_the_epoch_resumes(tmp_path):
+def _epoch_lines(out: str) -> list[str]:
+    """The `steps/planned` count of each epoch line the progress bar printed (verbose 2)."""
+    return [line.split(" - ")[0].strip() for line in out.splitlines() if "/4 - " in line]
+
+
+def test_max_steps_stops_mid_epoch_and_the_epoch_resumes(tmp_path, capsys):
     run_dir = RunDir(tmp_path)
     task = _task(epochs=3, max_steps=6)
     model = _model(task)
@@ -77,9 +82,12 @@ def test_max_steps_stops_mid_epoch_and_the_epoch_resumes(tmp_path):
     progress = fit(task, model, Progress(), run_dir, callbacks=[first]).progress
     assert (progress.global_step, progress.epoch, progress.step_in_epoch) == (6, 1, 2)
     assert [(e, logs["step"]) for e, _, logs in first.rows] == [(0, 4), (1, 6)]
+    # The stopped epoch's line counts the steps that ran, not the 4 planned.
+    assert _epoch_lines(capsys.readouterr().out) == ["4/4", "2/4"]
     task.config.train.max_steps = 0
     second = EpochEnds()
     fit(task, model, progress, run_dir, callbacks=[second])
+    assert _epoch_lines(capsys.readouterr().out) == ["2/4", "4/4"]  # the resumed epoch's 2
     history = run_dir.read_history()
     assert [r["epoch"] for r in history] == ["0", "1", "2"]  # the partial row was replaced
     assert [r["step"] for r in history] == ["4", "8", "12"]

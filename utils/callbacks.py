@@ -10,8 +10,10 @@
   that step, or warn and go on.
 - `AtomicModelCheckpoint`: Keras's ModelCheckpoint, written under a
   temporary name and renamed, so a crash never leaves half a file.
+- `ProgbarLogger`: Keras's progress bar, except that an epoch stopped
+  early (`max_steps`, a resumed epoch) ends at the steps that ran.
 
-Progress bar, history.csv, TensorBoard, early stopping and the best model
+history.csv, TensorBoard, early stopping and the best model
 are Keras's own callbacks (train.py puts them together).
 """
 
@@ -293,6 +295,22 @@ class NonFiniteGuard(keras.callbacks.Callback):
             f"rank{where}. Lower train.lr, raise train.warmup_steps or clip harder "
             "(train.clip_norm), or pass --train.on_nonfinite=skip to skip such steps"
         )
+
+
+class ProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, ending an epoch that stopped early at the step it reached.
+
+    Keras's own finalizes every epoch at its planned step count: a run
+    stopped by `max_steps` after 5 of 40 steps printed `40/40 - 13s -
+    317ms/step`, the time divided over 35 steps that never ran. This one
+    prints `5/40 - 13s - 3s/step`.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.progbar is not None and self.target and 0 < self.seen < self.target:
+            self.progbar.update(self.seen, list((logs or {}).items()), finalize=True)
+        else:
+            super().on_epoch_end(epoch, logs)
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
