@@ -31,7 +31,8 @@ class Runner:
             return []
         if module == "bench.pipeline":
             return ["--warmup", "5", "--steps", "20", "--repeats", "2"]
-        return ["--warmup", "3", "--steps", "3", "--repeats", "2"]
+        quick = ["--warmup", "3", "--steps", "3", "--repeats", "2"]
+        return quick + ["--peak-seconds", "0.3"] * (module == "bench.step")
 
     def run(
         self,

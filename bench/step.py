@@ -47,6 +47,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     timing_arguments(p)
     p.add_argument("--peak", type=int, default=1, help="also measure the matmul peak")
+    p.add_argument(
+        "--peak-seconds", type=float, default=3.0, help="time each peak matmul this long"
+    )
     return p.parse_args(argv)
 
 
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.peak and world.is_chief:
         # Per rank: the model FLOPs this rank does per second, over the peak of its own threads.
         # The peak is the higher of TensorFlow's and XLA's matmul on the same threads.
-        peaks = matmul_peaks()
+        peaks = matmul_peaks(seconds=args.peak_seconds)
         peak = max(peaks.values())
         per_rank = result["flops_per_token"] * result["tokens_per_sec"] / world.size / 1e9
         result.update(
