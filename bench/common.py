@@ -31,12 +31,38 @@ CHAR_VOCAB = 96  # id 0 is padding (never occurs); 1..95 are printable ASCII 32.
 
 
 def char_tokens(max_chars: int = 2_000_000) -> np.ndarray:
-    """The built-in corpus (stdlib docstrings), cleaned, as character ids 1..95."""
-    from data.clean import clean_text
+    """The built-in corpus (stdlib docstrings), cleaned, as character ids 1..95.
+
+    Parsing the standard library takes about 8 s, in every benchmark process
+    (a quick `python -m bench` starts a dozen), so the ids are kept under the
+    prepared-data directory, keyed like `main.py`'s prepared data: by the
+    sources' bytes, `max_chars` and data/prepare.py's PREP_VERSION.
+    """
+    import hashlib
+
+    from data.prepare import PREP_VERSION
     from data.sources import StdlibDocstrings
+    from utils.config import DataConfig
+    from utils.io import build_once
+
+    source = StdlibDocstrings()
+    settings = json.dumps([PREP_VERSION, source.fingerprint(), max_chars]).encode()
+    key = hashlib.sha256(settings).hexdigest()[:12]
+    out = pathlib.Path(DataConfig().prepared_dir) / f"bench-char-tokens-{key}"
+    out, _ = build_once(
+        out,
+        lambda tmp: np.save(tmp / "tokens.npy", _char_ids(source, max_chars)),
+        complete="tokens.npy",
+    )
+    return np.load(out / "tokens.npy")
+
+
+def _char_ids(source, max_chars: int) -> np.ndarray:
+    """`source`'s cleaned documents, at least `max_chars` characters, as ids 1..95."""
+    from data.clean import clean_text
 
     pieces, total = [], 0
-    for doc in StdlibDocstrings().documents():
+    for doc in source.documents():
         text = clean_text(doc.text) + "\n"
         pieces.append(text)
         total += len(text)
